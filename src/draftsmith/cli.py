@@ -69,6 +69,33 @@ def _data_parser(sub) -> None:
     rp.set_defaults(func=regenerate.run)
 
 
+def _cache_parser(sub) -> None:
+    from draftsmith.features import commands
+
+    p = sub.add_parser("cache", help="estimate and build the offline, versioned feature cache",
+                       description="Target features for training, stored once (the alternative to "
+                                   "the default online mode, which recomputes them in the loop).")
+    csub = p.add_subparsers(dest="cache_cmd", required=True, metavar="{estimate,build}")
+    est = csub.add_parser("estimate", help="print bytes/token and total size (ours and DeepSpec's "
+                                           "layout) without writing anything")
+    commands.add_estimate_args(est)
+    est.set_defaults(func=commands.run_estimate)
+    build = csub.add_parser("build", help="build (or resume) a sharded cache with a versioned manifest")
+    commands.add_build_args(build)
+    build.set_defaults(func=commands.run_build)
+
+
+def _train_parser(sub) -> None:
+    from draftsmith.train import loop
+
+    p = sub.add_parser("train", help="train a DSpark, DFlash or Eagle3 draft (CPU, GPU, torchrun)",
+                       description="One train loop for every drafter. `--recipe` names a shipped "
+                                   "recipe (e.g. smollm2-135m/dspark) or a YAML path; `--set a.b=v` "
+                                   "overrides any key. Resumes from RUN/step_latest when present.")
+    loop.add_args(p)
+    p.set_defaults(func=loop.run)
+
+
 def _quickstart_parser(sub) -> None:
     from draftsmith import quickstart
 
@@ -89,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     _target_parser(sub)
     _data_parser(sub)
+    _cache_parser(sub)
+    _train_parser(sub)
     _quickstart_parser(sub)
     return parser
 

@@ -1,0 +1,91 @@
+"""Training data: conversations JSONL -> rendered samples (ids + loss masks), train/held-out split,
+token frequencies for draft-vocabulary pruning, and the deterministic sample order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from draftsmith.data.sources import is_heldout
+from draftsmith.data.templates import RenderedSample, RenderStats, render_records
+from draftsmith.train.recipe import DataConfig
+from draftsmith.utils.io import InputError, JsonlProblem, iter_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainData:
+    train: list[RenderedSample]
+    heldout: list[RenderedSample]
+    lines: list[str] = field(default_factory=list)  # what happened, for the log and the report
+
+
+def read_conversations(path: str, limit: int | None = None) -> tuple[list[dict], list[str]]:
+    """Records with a usable `conversations` list; every unusable line is reported (file:line)."""
+    problems: list[JsonlProblem] = []
+    records, notes = [], []
+    for lineno, obj in iter_jsonl(path, problems):
+        conv = obj.get("conversations")
+        if not isinstance(conv, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 and m.get("role") for m in conv):
+            notes.append(f"{path}:{lineno}: field 'conversations' must be a list of {{role, content}}")
+            continue
+        obj.setdefault("id", f"{path}:{lineno}")
+        records.append(obj)
+        if limit and len(records) >= limit:
+            break
+    notes += [str(p) for p in problems]
+    return records, notes
+
+
+def _render(tokenizer, records: list[dict], cfg: DataConfig, what: str) -> tuple[list[RenderedSample], RenderStats]:
+    samples, stats = render_records(tokenizer, records, cfg.max_length, cfg.template_kwargs,
+                                    total=len(records), progress=False)
+    for p in stats.problems[:5]:
+        log.warning("%s: %s", what, p)
+    kept = [s for s in samples if sum(s.loss_mask) > 0]
+    return kept, stats
+
+
+def prepare_data(data_path: str, tokenizer, cfg: DataConfig) -> TrainData:
+    """Render the training file; split off held-out records by id hash (or read `cfg.heldout`)."""
+    records, notes = read_conversations(data_path, cfg.limit)
+    if cfg.heldout:
+        held_records, held_notes = read_conversations(cfg.heldout)
+        notes += held_notes
+    else:
+        held_records = [r for r in records if is_heldout(str(r["id"]), cfg.heldout_fraction)]
+        records = [r for r in records if not is_heldout(str(r["id"]), cfg.heldout_fraction)]
+    for n in notes[:10]:
+        log.warning(n)
+    train, tstats = _render(tokenizer, records, cfg, data_path)
+    held, hstats = _render(tokenizer, held_records, cfg, cfg.heldout or "held-out")
+    if not train:
+        raise InputError(f"{data_path}: no trainable tokens (no record has an assistant answer the "
+                         f"chat template renders; {len(notes)} unusable line(s))")
+    lines = [f"train: {tstats.line()}", f"held-out: {hstats.line()}"]
+    if notes:
+        lines.append(f"{len(notes)} unusable line(s), first: {notes[0]}")
+    dropped = tstats.records - len(train) + hstats.records - len(held)
+    if dropped:
+        lines.append(f"{dropped} record(s) without a trainable token or unrenderable: not used")
+    return TrainData(train, held[: cfg.max_heldout], lines)
+
+
+def supervised_token_counts(samples: list[RenderedSample], vocab_size: int) -> torch.Tensor:
+    """[V] int64: how often each token id is a training label (draft-vocabulary pruning)."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for s in samples:
+        ids = torch.tensor(s.input_ids, dtype=torch.int64)
+        mask = torch.tensor(s.loss_mask, dtype=torch.bool)
+        counts += torch.bincount(ids[mask], minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch: a permutation keyed by (seed, epoch) only."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()

@@ -1,0 +1,315 @@
+"""`draftsmith train`: the one train loop, for every drafter, on CPU or GPU, plain or torchrun.
+
+    for step in steps:                       # one optimizer step = one global batch
+        batch = this rank's share of the step's sequences, in micro-batches
+        D = Σ denominators over micro-batches and ranks   (data only: validity, weights)
+        for micro-batch: loss = Σ_local w·ℓ / D ; backward  (gradients accumulate)
+        all-reduce(SUM) gradients ; clip ; AdamW ; warmup+cosine LR
+        log, evaluate held-out τ_sim, checkpoint
+
+Because every micro-batch is normalized by the global denominators, the summed gradient is the
+global-batch gradient exactly, whatever the number of processes or micro-batches. Data
+parallelism is an explicit bucketed all-reduce of the replicated parameters' gradients (gloo on
+CPU, nccl on GPU) — the objective calls the draft's heads outside `forward`, which
+`DistributedDataParallel`'s hooks do not support; with `parallel: fsdp2` the draft layers are
+sharded by `fully_shard` (summing reduce-scatter) and the rest is all-reduced the same way.
+The sample order is a permutation keyed by (seed, epoch); anchors by (seed, epoch, sample id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from draftsmith.train import checkpoint as ckpt
+from draftsmith.train.dataset import epoch_order
+from draftsmith.train.metrics import MetricsLog
+from draftsmith.train.objectives import (
+    LossParts, ObjectiveConfig, TauSimMeter, TrainBatch, build_objective, reduce_denominators,
+)
+from draftsmith.train.anchors import batch_anchors
+from draftsmith.train.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from draftsmith.train.recipe import Recipe, load_recipe
+from draftsmith.train.setup import Setup, build_setup
+from draftsmith.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+EVAL_EPOCH = -1  # anchors of held-out blocks are keyed by this "epoch": fixed across evals
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="shipped recipe (e.g. smollm2-135m/dspark) or YAML path")
+    p.add_argument("--data", required=True, help="conversations JSONL with the target's answers")
+    p.add_argument("--out", required=True, help="run dir: step_N/ checkpoints, metrics.jsonl, tensorboard/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--cache", default=None, help="feature cache dir (built if missing); default: "
+                                                 "the recipe's features.mode")
+    p.add_argument("--heldout", default=None, help="held-out conversations JSONL (default: id-hash split)")
+    p.add_argument("--init-from", default=None, help="start from a draft dir (e.g. a DeepSpec checkpoint)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if RUN/step_latest exists")
+    p.add_argument("--no-progress", action="store_true")
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def step_samples(step: int, n: int, global_batch: int, seed: int) -> list[tuple[int, int]]:
+    """(sample index, epoch) of the sequences of optimizer step `step` (epochs run back to back)."""
+    out = []
+    for q in range(step * global_batch, (step + 1) * global_batch):
+        epoch = q // n
+        out.append((epoch_order(n, seed, epoch)[q % n], epoch))
+    return out
+
+
+def collate(feats, epochs: list[int], recipe: Recipe, drafter: str, device, num_anchors: int = 512) -> TrainBatch:
+    """Right-pad one micro-batch of SampleFeatures into a TrainBatch (+ keyed anchors)."""
+    B, S = len(feats), max(len(f) for f in feats)
+    LH, H = feats[0].features.shape[-1], feats[0].hidden.shape[-1]
+    ids = torch.zeros(B, S, dtype=torch.int64)
+    mask = torch.zeros(B, S, dtype=torch.uint8)
+    x = torch.zeros(B, S, LH, dtype=feats[0].features.dtype)
+    h = torch.zeros(B, S, H, dtype=feats[0].hidden.dtype)
+    for b, f in enumerate(feats):
+        n = len(f)
+        ids[b, :n], mask[b, :n], x[b, :n], h[b, :n] = f.input_ids, f.loss_mask, f.features, f.hidden
+    batch = TrainBatch(ids.to(device), mask.to(device), x.to(device), h.to(device))
+    if drafter != "eagle3":
+        pos, valid = zip(*[batch_anchors(f.loss_mask[None], [f.id], num_anchors, recipe.train.seed, e) for f, e in zip(feats, epochs)])
+        N = max(p.shape[1] for p in pos)
+        batch.anchor_pos = torch.zeros(B, N, dtype=torch.int64, device=device)
+        batch.anchor_valid = torch.zeros(B, N, dtype=torch.bool, device=device)
+        for b, (p, v) in enumerate(zip(pos, valid)):
+            batch.anchor_pos[b, : p.shape[1]], batch.anchor_valid[b, : v.shape[1]] = p[0], v[0]
+    return batch
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(model, recipe: Recipe, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = recipe.optim
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    warmup = max(1, round(o.warmup_ratio * total_steps)) if o.warmup_ratio > 0 else 0
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum gradients over ranks in one flat bucket (no-op on one process)."""
+    grads = [p.grad for p in params if p.grad is not None and not hasattr(p.grad, "placements")]
+    if not grads:
+        return
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(step: int, s: Setup, recipe: Recipe, objective, params, info: DistInfo) -> dict:
+    """One optimizer step's forward/backward over this rank's micro-batches; returns metrics."""
+    plan = step_samples(step, len(s.data.train), recipe.train.global_batch, recipe.train.seed)
+    mine = plan[info.rank::info.world]
+    mb = recipe.train.micro_batch
+    batches = []
+    for i in range(0, len(mine), mb):
+        chunk = mine[i: i + mb]
+        feats = s.features([s.data.train[j] for j, _ in chunk])
+        batches.append(collate(feats, [e for _, e in chunk], recipe, recipe.drafter, info.device,
+                               _num_anchors(s)))
+    den = reduce_denominators([objective.denominators(b) for b in batches], all_reduce_sum)
+    sums, tau = {}, TauSimMeter(objective.block_size, info.device)
+    tokens = torch.zeros((), device=info.device)
+    for b in batches:
+        with _autocast(recipe, info):
+            parts: LossParts = objective(b, den)
+        parts.loss.backward()
+        for k, v in parts.sums.items():
+            sums[k] = sums.get(k, 0) + v.detach()
+        tau.add(parts)
+        tokens = tokens + parts.tokens
+    all_reduce_grads(params)
+    return _step_metrics(objective, sums, den, tau, tokens, len(plan))
+
+
+def _num_anchors(s: Setup) -> int:
+    return int(getattr(s.model.config, "num_anchors", 0) or 1)
+
+
+def _autocast(recipe: Recipe, info: DistInfo):
+    bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and info.device.type == "cuda")
+    return torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _step_metrics(objective, sums: dict, den: dict, tau: TauSimMeter, tokens, sequences: int) -> dict:
+    """Global loss parts (all-reduced) of one step."""
+    from draftsmith.train.objectives import TERM_DENOMINATOR
+
+    keys = sorted(sums)
+    flat = all_reduce_sum(torch.stack([sums[k].double() for k in keys] + [tokens.double()]))
+    tau.load_sums(all_reduce_sum(tau.sums()))
+    out = {}
+    loss = 0.0
+    for k, v in zip(keys, flat[:-1].tolist()):
+        out[k] = v / max(float(den[TERM_DENOMINATOR[k]]), 1e-12)
+        loss += getattr(objective.loss_weights, k) * out[k]
+    out.update(loss=loss, tokens=float(flat[-1]), sequences=sequences)
+    if float(tau.blocks):
+        out.update(tau_sim=tau.value(), c_star=[round(c, 5) for c in tau.per_position()["c_star"]])
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(s: Setup, recipe: Recipe, objective, info: DistInfo, held_feats) -> dict:
+    """Held-out loss parts and simulated τ (teacher-forced, T = 1), on rank 0's copy."""
+    if not held_feats:
+        return {}
+    mb = recipe.train.micro_batch
+    batches = [collate(held_feats[i: i + mb], [EVAL_EPOCH] * len(held_feats[i: i + mb]), recipe,
+                       recipe.drafter, info.device, _num_anchors(s)) for i in range(0, len(held_feats), mb)]
+    den = reduce_denominators([objective.denominators(b) for b in batches])
+    sums, tau = {}, TauSimMeter(objective.block_size, info.device)
+    tokens = torch.zeros((), device=info.device)
+    for b in batches:
+        parts = objective(b, den)
+        for k, v in parts.sums.items():
+            sums[k] = sums.get(k, 0) + v
+        tau.add(parts)
+        tokens = tokens + parts.tokens
+    from draftsmith.train.objectives import TERM_DENOMINATOR
+
+    out = {f"eval/{k}": float(v) / max(float(den[TERM_DENOMINATOR[k]]), 1e-12) for k, v in sums.items()}
+    if float(tau.blocks):
+        per = tau.per_position()
+        out.update({"eval/tau_sim": tau.value(), "eval/tau_greedy": tau.greedy_value(),
+                    "eval/c_star": [round(c, 5) for c in per["c_star"]]})
+    return out
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def total_steps(recipe: Recipe, n_train: int) -> int:
+    steps = recipe.train.epochs * math.ceil(n_train / recipe.train.global_batch)
+    return min(steps, recipe.train.max_steps) if recipe.train.max_steps else steps
+
+
+def train(recipe: Recipe, data: str, out: str | Path, cache: str | None = None, heldout: str | None = None,
+          init_from: str | None = None, resume: bool = True, progress: bool = True) -> Path:
+    """Run (or resume) a training run; returns the final checkpoint dir."""
+    info = init_distributed()
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    if heldout:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"heldout": heldout})})
+    run = Path(out)
+    torch.manual_seed(recipe.train.seed)
+    s = build_setup(recipe, data, info, cache, init_from, progress and info.is_main)
+    objective = build_objective(s.model, s.target.logits, ObjectiveConfig(chunk_size=recipe.train.loss_chunk))
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    steps = total_steps(recipe, len(s.data.train))
+    opt, sched = make_optimizer(s.model, recipe, steps)
+    start = _maybe_resume(run, s, opt, sched, resume)
+    if info.is_main:
+        for line in s.data.lines:
+            log.info(line)
+        atomic_write_json(run / "recipe.json", recipe.model_dump(mode="json"))
+    metrics = MetricsLog(run, info.is_main, resume_step=start if start else None)
+    held_feats = s.features(s.data.heldout) if info.is_main else []
+    final = _loop(run, s, recipe, objective, params, opt, sched, info, start, steps, metrics,
+                  held_feats, progress)
+    metrics.close()
+    barrier()
+    shutdown()
+    return final
+
+
+def _maybe_resume(run: Path, s: Setup, opt, sched, resume: bool) -> int:
+    last = ckpt.latest_checkpoint(run) if resume else None
+    if last is None:
+        return 0
+    from draftsmith.models.io import load_draft
+
+    s.model.load_state_dict(load_draft(last).state_dict())
+    state = ckpt.load_state(last)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    log.info("resuming from %s (step %d)", last, state["step"])
+    return int(state["step"])
+
+
+def _loop(run, s: Setup, recipe: Recipe, objective, params, opt, sched, info, start, steps, metrics,
+          held_feats, progress) -> Path:
+    t_cfg = recipe.train
+    t0, final = time.time(), None
+    bar = tqdm(total=steps, initial=start, desc=f"train {recipe.drafter}", unit="step",
+               disable=not (progress and info.is_main), dynamic_ncols=True)
+    for step in range(start, steps):
+        tic = time.time()
+        s.model.train()
+        opt.zero_grad(set_to_none=True)
+        m = train_step(step, s, recipe, objective, params, info)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip)
+        m.update(lr=sched.get_last_lr()[0], grad_norm=float(gnorm), epoch=step * t_cfg.global_batch / len(s.data.train),
+                 tokens_per_s=m["tokens"] / max(time.time() - tic, 1e-9))
+        opt.step()
+        sched.step()
+        done = step + 1
+        over = t_cfg.time_budget_min is not None and time.time() - t0 > 60 * t_cfg.time_budget_min
+        last = done == steps or over
+        if info.is_main and (done % t_cfg.log_every == 0 or last):
+            metrics.log(done, {f"train/{k}": v for k, v in m.items()})
+        if info.is_main and (done % t_cfg.eval_every == 0 or last):
+            s.model.eval()
+            ev = evaluate(s, recipe, objective, info, held_feats)
+            metrics.log(done, ev)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tau_sim=f"{ev.get('eval/tau_sim', 0):.2f}")
+        if done % t_cfg.checkpoint_every == 0 or last:
+            final = _save(run, done, s, opt, sched, info, t_cfg.keep_checkpoints)
+        bar.update(1)
+        if over:
+            log.info("time budget of %.1f min reached at step %d of %d", t_cfg.time_budget_min, done, steps)
+            break
+    bar.close()
+    return final or ckpt.latest_checkpoint(run)
+
+
+def _save(run, step, s: Setup, opt, sched, info, keep) -> Path | None:
+    if not info.is_main:
+        barrier()
+        return None
+    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "rng": ckpt.rng_state(), "world_size": info.world}
+    path = ckpt.save_checkpoint(run, step, s.model, state, keep)
+    barrier()
+    return path
+
+
+def run(args) -> int:
+    recipe = load_recipe(args.recipe, args.set)
+    final = train(recipe, args.data, args.out, cache=args.cache, heldout=args.heldout,
+                  init_from=args.init_from, resume=not args.no_resume, progress=not args.no_progress)
+    print(f"train: final checkpoint {final}")
+    return 0

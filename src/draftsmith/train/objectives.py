@@ -1,0 +1,513 @@
+"""Training objectives: DSpark, DFlash and Eagle3 share one block loss (DESIGN §3.2, §3.3).
+
+Every drafter is trained on *blocks*: a block anchored at position t has γ slots and slot k
+predicts the token at t + k + 1 from the target distribution p_t = softmax(lm_head(hidden[t + k]))
+(the target's normed last hidden, T = 1, full vocabulary). DSpark/DFlash draw their anchors
+(`anchors.batch_anchors`); Eagle3's TTT chain at feature index i is the block anchored at i + 1,
+its step s being slot s, so one code path computes every term and every metric.
+
+Per supervised slot (`anchors.slot_validity`: a cumulative product, supervision stops at the
+first label outside the response), with p_d = softmax(Markov-corrected draft logits):
+
+    ce      = -log p_d(label)                  labels outside a pruned draft vocab are masked
+    l1      = ‖p_d − p_t‖₁ over the FULL vocabulary, p_d = 0 outside the draft vocab:
+              Σ_{d ∈ draft} |p_d(d) − p_t(d2t(d))| + (1 − Σ_{d ∈ draft} p_t(d2t(d)))
+    c*      = 1 − ½·l1 (detached; what serving's rejection sampling accepts on average)
+    bce     = BCE(σ(confidence logit), c*)
+    soft_ce = −Σ_{d ∈ draft} q(d) log p_d(d),  q = p_t restricted to the draft vocab and
+              renormalized (EAGLE-3/SpecForge practice); masked like ce.
+
+Each term is `Σ w_k·ℓ / Σ w_k` with position weights w_k = exp(−k / loss_decay_gamma) (DSpark,
+DFlash; k 0-based) or 0.8^s (Eagle3). The loss is Σ_term α_term·term with α = (ce 0.1, l1 0.9,
+bce 1.0) for DSpark, ce 1.0 for DFlash, soft_ce 1.0 for Eagle3 (`LossWeights`).
+
+Normalization across micro-batches and ranks. The denominators depend on the data only
+(validity, weights, which labels are in the draft vocab), so the train loop computes them for
+every micro-batch of a step first (`objective.denominators(batch)`), sums them and all-reduces
+(SUM) them across ranks (`reduce_denominators`), then calls `objective(batch, denominators)`
+per micro-batch. Each micro-batch's loss is then Σ_local w·ℓ / D_global, and the sum over
+micro-batches and ranks is exactly the global-batch loss. DDP and FSDP2 *average* gradients over
+W ranks: multiply the loss by W before backward to get the global loss's gradient. The objective
+calls `model(...)` (so a DDP wrapper sees its forward) and reaches the heads through `.module`.
+
+Memory. Full-vocabulary logits are never built for all slots at once: blocks are processed in
+chunks of `chunk_size` anchors (never split along γ, where the rnn Markov head runs), and with
+`recompute` each chunk's logits are recomputed in backward (activation checkpointing), so the
+peak holds one chunk's logits. Blocks whose first slot is unsupervised are skipped; the target
+head runs on supervised slots only; the draft head runs on whole blocks (the Markov head needs
+them), so unsupervised tail slots of partially supervised blocks cost draft-head compute only.
+
+Eagle3 pruning decision: soft_ce's target is p_t renormalized over the draft vocabulary (as
+EAGLE-3 trains it), and positions whose *label* lies outside the draft vocab are masked and
+counted — SpecForge masks by the target's argmax instead; the label rule keeps the
+denominators a function of the data alone and matches the DSpark rule. l1, c* and τ_sim always
+use the full-vocabulary p_t (p_d = 0 outside the draft vocab), exactly what serving does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from draftsmith.config import StrictConfig
+from draftsmith.models.dspark import block_labels, block_prev_tokens
+from draftsmith.models.vocab import ids_from_d2t, target_to_draft
+from draftsmith.train.anchors import all_anchors, slot_validity
+from draftsmith.utils.io import InputError
+
+TargetHead = Callable[[torch.Tensor], torch.Tensor]  # normed target hidden [n, H] -> logits [n, V]
+TERMS = ("ce", "soft_ce", "l1", "bce")
+# which denominator each term is normalized by: all supervised slots, or those whose label is in
+# the draft vocabulary
+TERM_DENOMINATOR = {"ce": "vocab", "soft_ce": "vocab", "l1": "slots", "bce": "slots"}
+
+
+class LossWeights(StrictConfig):
+    """α per loss term (0 = not part of the loss; still reported when computed)."""
+
+    ce: float = Field(0.1, ge=0)
+    l1: float = Field(0.9, ge=0)
+    bce: float = Field(1.0, ge=0)
+    soft_ce: float = Field(0.0, ge=0)
+
+
+DEFAULT_LOSS_WEIGHTS = {
+    "dspark": LossWeights(),
+    "dflash": LossWeights(ce=1.0, l1=0.0, bce=0.0),
+    "eagle3": LossWeights(ce=0.0, l1=0.0, bce=0.0, soft_ce=1.0),
+}
+
+
+class ObjectiveConfig(StrictConfig):
+    """How the loss is computed (the formulas are fixed; see the module docstring)."""
+
+    loss_weights: LossWeights | None = None  # None: the drafter's default (DEFAULT_LOSS_WEIGHTS)
+    chunk_size: int = Field(32, ge=1)  # anchors (blocks) per loss chunk
+    recompute: bool = True  # recompute each chunk's logits in backward instead of keeping them
+    target_metrics: bool = True  # compute p_t (l1, c*, τ_sim) even when no loss term needs it
+    eagle3_step_decay: float = Field(0.8, gt=0)  # Eagle3 step weights decay^s
+
+
+@dataclass
+class TrainBatch:
+    """A right-padded batch (padding has loss_mask 0)."""
+
+    input_ids: torch.Tensor  # [B, S] int64
+    loss_mask: torch.Tensor  # [B, S], nonzero = token the drafter is trained to predict
+    features: torch.Tensor  # [B, S, L·H] target layer outputs
+    target_hidden: torch.Tensor | None  # [B, S, H] target's normed last hidden (None: no p_t)
+    anchor_pos: torch.Tensor | None = None  # [B, N] DSpark/DFlash anchors (anchors.batch_anchors)
+    anchor_valid: torch.Tensor | None = None  # [B, N] bool
+
+
+def position_weights(block_size: int, decay_gamma: float) -> torch.Tensor:
+    """DSpark/DFlash slot weights [γ]: w_k = exp(−k / decay_gamma), k 0-based."""
+    return torch.exp(-torch.arange(block_size, dtype=torch.float64) / decay_gamma)
+
+
+def step_weights(ttt_length: int, decay: float = 0.8) -> torch.Tensor:
+    """Eagle3 TTT step weights [T]: decay^s."""
+    return decay ** torch.arange(ttt_length, dtype=torch.float64)
+
+
+def target_head_from(lm_head: nn.Module | torch.Tensor, softcap: float | None = None) -> TargetHead:
+    """A target head from an LM-head module or weight [V, H] (+ the family's final-logit softcap);
+    hidden is cast to the weight's dtype. `TargetModel.logits` is one too."""
+    weight = lm_head.weight if isinstance(lm_head, nn.Module) else lm_head
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden.to(weight.dtype), weight)
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+    return head
+
+
+def reduce_denominators(parts: Sequence[dict[str, torch.Tensor]],
+                        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """Sum the denominators of a step's micro-batches, then across ranks with `all_reduce`
+    (e.g. `lambda t: (dist.all_reduce(t), t)[1]`, a SUM): one collective for all terms."""
+    keys = sorted(parts[0])
+    flat = torch.stack([sum(p[k] for p in parts) for k in keys])  # [K]
+    if all_reduce is not None:
+        flat = all_reduce(flat)
+    return dict(zip(keys, flat))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for the loss math (fp64 stays fp64, for exact tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax in the compute dtype; p = exp of it (one formula for p_d and p_t, so equal
+    logits give bit-equal probabilities)."""
+    return torch.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)
+
+
+# --------------------------------------------------------------------------- τ_sim
+
+
+class TauSimMeter:
+    """Teacher-forced acceptance statistics of supervised blocks (DESIGN §3.2, last bullet).
+
+    τ_sim = 1 + Σ_k Π_{j≤k} c*_j (T = 1), averaged over supervised blocks (first slot supervised).
+    A partially supervised block (its response ends inside it) counts only its supervised slots:
+    decoding stops at the end of the response, so later slots cannot add accepted tokens.
+    Greedy τ counts, per block, 1 + the leading slots whose draft argmax equals the target's
+    argmax (teacher-forced: exact greedy acceptance when the labels are the target's argmax).
+    All state is sums (`sums()` / `load_sums()` for an all-reduce across ranks).
+    """
+
+    def __init__(self, block_size: int, device: torch.device | str | None = None):
+        self.block_size = block_size
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.blocks = z(())
+        self.c_star_sum, self.slot_count = z(block_size), z(block_size)  # Σ c*_k, #supervised
+        self.survival_sum, self.greedy_survival_sum = z(block_size), z(block_size)
+
+    def add_blocks(self, c_star: torch.Tensor, valid: torch.Tensor, match: torch.Tensor) -> None:
+        """c_star [M, γ] (any value where invalid), valid [M, γ] (a prefix, slot 0 True),
+        match [M, γ] bool (greedy draft == target argmax)."""
+        cs = torch.where(valid, c_star.detach().to(torch.float64), 0.0)
+        self.blocks += valid[:, 0].sum()
+        self.c_star_sum += cs.sum(0)
+        self.slot_count += valid.sum(0)
+        self.survival_sum += torch.cumprod(cs, dim=-1).sum(0)
+        self.greedy_survival_sum += torch.cumprod((match & valid).to(torch.float64), dim=-1).sum(0)
+
+    def add(self, other: TauSimMeter | LossParts) -> None:
+        """Accumulate another meter (or a batch's `LossParts`)."""
+        other = other.tau if isinstance(other, LossParts) else other
+        self.load_sums(self.sums() + other.sums().to(self.blocks.device))
+
+    def sums(self) -> torch.Tensor:
+        """All state as one float64 tensor [1 + 4γ] (all-reduce it with SUM, then `load_sums`)."""
+        return torch.cat([self.blocks[None], self.c_star_sum, self.slot_count,
+                          self.survival_sum, self.greedy_survival_sum])
+
+    def load_sums(self, flat: torch.Tensor) -> None:
+        g = self.block_size
+        self.blocks = flat[0].clone()
+        parts = flat[1:].view(4, g).clone()  # [4γ] -> [4, γ]
+        self.c_star_sum, self.slot_count, self.survival_sum, self.greedy_survival_sum = parts
+
+    def value(self) -> float:
+        """τ_sim (nan without supervised blocks)."""
+        b = float(self.blocks)
+        return 1.0 + float(self.survival_sum.sum()) / b if b else math.nan
+
+    def greedy_value(self) -> float:
+        """Teacher-forced greedy τ (nan without supervised blocks)."""
+        b = float(self.blocks)
+        return 1.0 + float(self.greedy_survival_sum.sum()) / b if b else math.nan
+
+    def per_position(self) -> dict[str, list[float]]:
+        """Per slot: mean c* over supervised slots, mean survival Π_{j≤k} c*_j and greedy
+        survival over supervised blocks (unsupervised tail slots count as 0)."""
+        b = max(float(self.blocks), 1.0)
+        return {"c_star": (self.c_star_sum / self.slot_count.clamp(min=1)).tolist(),
+                "survival": (self.survival_sum / b).tolist(),
+                "greedy_survival": (self.greedy_survival_sum / b).tolist()}
+
+
+# --------------------------------------------------------------------------- loss parts
+
+
+@dataclass
+class LossParts:
+    """One (micro-)batch's loss and detached metrics.
+
+    Metrics are normalized by the same denominators as the loss: with global denominators they
+    are this micro-batch's share and add up over micro-batches and ranks to the global value.
+    """
+
+    loss: torch.Tensor  # scalar with grad: Σ α·numerator / denominator
+    sums: dict[str, torch.Tensor]  # detached weighted numerators of the computed terms
+    denominators: dict[str, torch.Tensor]  # "slots": Σ w (supervised), "vocab": Σ w (in draft vocab)
+    tau: TauSimMeter  # acceptance stats (empty when p_t was not computed)
+    tokens: torch.Tensor  # supervised slots
+    blocks: torch.Tensor  # supervised blocks
+    pruned_labels: torch.Tensor  # supervised labels outside the draft vocab (masked from ce)
+
+    def term(self, name: str) -> torch.Tensor | None:
+        """Σ w·ℓ / Σ w of one term (None if it was not computed)."""
+        if name not in self.sums:
+            return None
+        return self.sums[name] / self.denominators[TERM_DENOMINATOR[name]].clamp(min=1e-12)
+
+    ce = property(lambda self: self.term("ce"))
+    soft_ce = property(lambda self: self.term("soft_ce"))
+    l1 = property(lambda self: self.term("l1"))
+    bce = property(lambda self: self.term("bce"))
+
+    @property
+    def c_star(self) -> list[float]:
+        """Mean c* per slot (γ values)."""
+        return self.tau.per_position()["c_star"]
+
+    def metrics(self) -> dict[str, float]:
+        """Plain floats for logging (syncs with the device)."""
+        out = {k: float(self.term(k)) for k in TERMS if k in self.sums}
+        out.update(loss=float(self.loss.detach()), tokens=float(self.tokens),
+                   blocks=float(self.blocks), pruned_labels=float(self.pruned_labels))
+        if float(self.tau.blocks):
+            out.update(tau_sim=self.tau.value(), tau_greedy=self.tau.greedy_value())
+        return out
+
+
+@dataclass
+class Blocks:
+    """The supervised blocks of a batch (first slot supervised), M of them, γ slots each."""
+
+    rows: torch.Tensor  # [M] batch row
+    cols: torch.Tensor  # [M] index on the anchor axis
+    anchor: torch.Tensor  # [M] anchor position t
+    prev: torch.Tensor  # [M, γ] teacher-forced previous tokens [anchor, labels[:-1]]
+    valid: torch.Tensor  # [M, γ] bool, supervised slots (a prefix)
+    label_draft: torch.Tensor  # [M, γ] draft ids of the labels (-1 outside the draft vocab)
+    in_vocab: torch.Tensor  # [M, γ] bool, valid and label in the draft vocab
+    weights: torch.Tensor  # [γ] position weights
+
+    def denominators(self) -> dict[str, torch.Tensor]:
+        """float64 sums of the weights of supervised slots ("slots") and of those whose label is
+        in the draft vocabulary ("vocab")."""
+        w = self.weights.to(torch.float64)
+        return {"slots": (self.valid * w).sum(), "vocab": (self.in_vocab * w).sum()}
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+class BlockObjective:
+    """The shared block loss; subclasses say how blocks, hidden states and logits are made."""
+
+    drafter = ""
+
+    def __init__(self, model: nn.Module, target_head: TargetHead | None,
+                 config: ObjectiveConfig | None = None):
+        self.model, self.target_head = model, target_head  # model: maybe DDP-wrapped (its forward)
+        self.module = getattr(model, "module", model)  # the draft itself: heads, config, vocab maps
+        self.config = config or ObjectiveConfig()
+        self.loss_weights = self.config.loss_weights or DEFAULT_LOSS_WEIGHTS[self.drafter]
+        self.vocab_size = self.module.config.vocab_size
+        self.pruned = self.module.config.draft_vocab != self.vocab_size
+
+    # -- drafter hooks
+
+    @property
+    def block_size(self) -> int:
+        raise NotImplementedError
+
+    def slot_weights(self) -> torch.Tensor:
+        """[γ] float64 position weights."""
+        raise NotImplementedError
+
+    def anchors(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(anchor_pos [B, N], anchor_valid [B, N])."""
+        raise NotImplementedError
+
+    def block_hidden(self, batch: TrainBatch, blocks: Blocks) -> torch.Tensor:
+        """Run the draft: hidden [M, γ, H] of the supervised blocks."""
+        raise NotImplementedError
+
+    def slot_logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """hidden [c, γ, H], prev [c, γ] -> draft logits [c, γ, V_draft]."""
+        raise NotImplementedError
+
+    def slot_confidence(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
+        """hidden [c, γ, H], prev [c, γ] -> confidence logits [c, γ] (None without a head)."""
+        return None
+
+    # -- shared
+
+    @property
+    def has_confidence(self) -> bool:
+        return getattr(self.module, "confidence_head", None) is not None
+
+    def needs_target(self) -> bool:
+        """Whether p_t is computed: for a loss term that needs it, or for the metrics."""
+        w = self.loss_weights
+        return (self.config.target_metrics or w.l1 > 0 or w.soft_ce > 0
+                or (self.has_confidence and w.bce > 0))
+
+    def blocks(self, batch: TrainBatch) -> Blocks:
+        """Labels, validity and vocabulary masks of the supervised blocks (no model call)."""
+        anchor_pos, anchor_valid = self.anchors(batch)
+        g = self.block_size
+        valid = slot_validity(batch.loss_mask, anchor_pos, anchor_valid, g)  # [B, N, γ]
+        labels, _ = block_labels(batch.input_ids, anchor_pos, g)  # [B, N, γ]
+        prev = block_prev_tokens(batch.input_ids, anchor_pos, labels)  # [B, N, γ]
+        rows, cols = valid[..., 0].nonzero(as_tuple=True)  # [M], [M]
+        anchor, prev, valid = anchor_pos[rows, cols], prev[rows, cols], valid[rows, cols]  # [M], [M, γ]
+        label_draft = target_to_draft(labels[rows, cols], self.module.t2d)  # [M, γ]
+        in_vocab = valid & (label_draft >= 0)
+        return Blocks(rows, cols, anchor, prev, valid, label_draft, in_vocab,
+                      self.slot_weights().to(batch.input_ids.device))
+
+    def denominators(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """This micro-batch's denominators (sum them over micro-batches and ranks)."""
+        return self.blocks(batch).denominators()
+
+    def __call__(self, batch: TrainBatch, denominators: dict[str, torch.Tensor] | None = None
+                 ) -> LossParts:
+        """Loss and metrics of one (micro-)batch; `denominators` = the global ones
+        (`reduce_denominators`), default this batch's own."""
+        blocks = self.blocks(batch)
+        den = blocks.denominators() if denominators is None else denominators
+        with_target = self.needs_target()
+        if with_target and (batch.target_hidden is None or self.target_head is None):
+            raise ValueError("this objective needs the target head and batch.target_hidden (the "
+                             "target's normed last hidden); or target_metrics=false with no term using p_t")
+        hidden = self.block_hidden(batch, blocks)  # [M, γ, H]
+        tau = TauSimMeter(self.block_size, hidden.device)
+        nums = torch.zeros(len(TERMS), dtype=_compute_dtype(hidden), device=hidden.device)
+        for start in range(0, blocks.valid.shape[0], self.config.chunk_size):
+            sl = slice(start, start + self.config.chunk_size)
+            nums = nums + self._chunk(batch, blocks, sl, hidden[sl], tau, with_target)
+        return self._parts(nums, den, blocks, tau, hidden, with_target)
+
+    def _chunk(self, batch, blocks: Blocks, sl: slice, hidden, tau: TauSimMeter, with_target: bool):
+        """Numerators [4] (with grad) of blocks[sl]; adds their τ stats to `tau`."""
+        valid, prev = blocks.valid[sl], blocks.prev[sl]
+        tgt_h = None
+        if with_target:
+            pos = blocks.anchor[sl, None] + torch.arange(self.block_size, device=valid.device)  # [c, γ]
+            tgt_h = batch.target_hidden[blocks.rows[sl, None].expand_as(pos)[valid], pos[valid]]  # [n, H]
+        args = (hidden, prev, valid, blocks.label_draft[sl], blocks.in_vocab[sl], blocks.weights, tgt_h)
+        if self.config.recompute and torch.is_grad_enabled() and hidden.requires_grad:
+            nums, c_star, match = checkpoint(self._chunk_terms, *args, use_reentrant=False)
+        else:
+            nums, c_star, match = self._chunk_terms(*args)
+        if with_target:
+            cs = torch.zeros(valid.shape, dtype=c_star.dtype, device=valid.device)
+            cs[valid] = c_star
+            mt = torch.zeros_like(valid)
+            mt[valid] = match
+            tau.add_blocks(cs, valid, mt)
+        return nums
+
+    def _chunk_terms(self, hidden, prev, valid, label_draft, in_vocab, weights, tgt_h):
+        """hidden [c, γ, H] -> (weighted numerators [4] in TERMS order, c* [n], greedy match [n])
+        for the n supervised slots of the chunk."""
+        logp = _log_probs(self.slot_logits(hidden, prev)[valid])  # [c, γ, Vd] -> [n, Vd]
+        w = weights.to(logp.dtype).expand(valid.shape)[valid]  # [γ] -> [n]
+        wv = w * in_vocab[valid]
+        zero = logp.new_zeros(())
+        ce = -(logp.gather(1, label_draft[valid].clamp(min=0)[:, None])[:, 0] * wv).sum()
+        nums = {"ce": ce, "soft_ce": zero, "l1": zero, "bce": zero}
+        c_star = match = logp.new_zeros(0)
+        if tgt_h is not None:
+            with torch.no_grad():
+                p_t = _log_probs(self.target_head(tgt_h)).exp()  # [n, V]
+                kept = p_t[:, ids_from_d2t(self.module.d2t)] if self.pruned else p_t  # [n, Vd]
+                match = self.module.to_target_ids(logp.argmax(-1)) == p_t.argmax(-1)
+            l1 = (logp.exp() - kept).abs().sum(-1)  # [n]
+            if self.pruned:
+                l1 = l1 + (1 - kept.sum(-1)).clamp(min=0)  # p_t mass outside the draft vocab
+            c_star = (1 - 0.5 * l1).detach().clamp(0, 1)
+            nums["l1"] = (l1 * w).sum()
+            if self.loss_weights.soft_ce > 0:
+                q = kept / kept.sum(-1, keepdim=True).clamp(min=1e-30)  # renormalized over draft vocab
+                nums["soft_ce"] = (-(q * logp).sum(-1) * wv).sum()
+            conf = self.slot_confidence(hidden, prev)
+            if conf is not None:
+                bce = F.binary_cross_entropy_with_logits(conf[valid].to(logp.dtype), c_star, reduction="none")
+                nums["bce"] = (bce * w).sum()
+        return torch.stack([nums[k] for k in TERMS]), c_star, match
+
+    def _parts(self, nums, den, blocks: Blocks, tau, hidden, with_target: bool) -> LossParts:
+        """Combine numerators into the loss and the metrics."""
+        loss = hidden.sum() * 0 if hidden.requires_grad else nums.new_zeros(())  # a graph even if empty
+        computed = {"ce"} | ({"l1"} if with_target else set())
+        if with_target and self.loss_weights.soft_ce > 0:
+            computed.add("soft_ce")
+        if with_target and self.has_confidence:
+            computed.add("bce")
+        for i, name in enumerate(TERMS):
+            alpha = getattr(self.loss_weights, name)
+            if alpha > 0 and name in computed:
+                loss = loss + alpha * nums[i] / den[TERM_DENOMINATOR[name]].to(nums.dtype).clamp(min=1e-12)
+        sums = {name: nums[i].detach() for i, name in enumerate(TERMS) if name in computed}
+        M = torch.tensor(blocks.valid.shape[0], device=blocks.valid.device)
+        return LossParts(loss, sums, den, tau, blocks.valid.sum(), M, (blocks.valid & ~blocks.in_vocab).sum())
+
+
+class DSparkObjective(BlockObjective):
+    """DSpark: 0.1·CE + 0.9·L1 + 1.0·BCE over the model's anchored blocks."""
+
+    drafter = "dspark"
+
+    def __init__(self, model, target_head, config=None):
+        if getattr(getattr(model, "module", model).config, "slot_semantics", "deepspec") != "deepspec":
+            raise InputError("training supports DeepSpec slots only (slot k predicts anchor + k + 1); "
+                             "z-lab DFlash drafts are imported and evaluated, not trained")
+        super().__init__(model, target_head, config)
+
+    @property
+    def block_size(self) -> int:
+        return self.module.config.block_size
+
+    def slot_weights(self) -> torch.Tensor:
+        return position_weights(self.block_size, self.module.config.loss_decay_gamma)
+
+    def anchors(self, batch):
+        if batch.anchor_pos is None:
+            raise ValueError(f"{self.drafter}: the batch has no anchors (anchors.batch_anchors)")
+        return batch.anchor_pos, batch.anchor_valid
+
+    def block_hidden(self, batch, blocks):
+        hidden = self.model(batch.features, batch.input_ids, batch.anchor_pos, batch.anchor_valid)
+        return hidden[blocks.rows, blocks.cols]  # [B, N, γ, H] -> [M, γ, H]
+
+    def slot_logits(self, hidden, prev):
+        return self.module.draft_logits(hidden, prev)
+
+    def slot_confidence(self, hidden, prev):
+        return self.module.confidence(hidden, prev)
+
+
+class DFlashObjective(DSparkObjective):
+    """DFlash: the DSpark backbone without heads, CE only (DeepSpec's definition)."""
+
+    drafter = "dflash"
+
+
+class Eagle3Objective(BlockObjective):
+    """Eagle3: Σ_s 0.8^s·soft-CE over the TTT unroll; step s at feature index i is slot s of the
+    block anchored at i + 1 (it reads token i + 1 + s and predicts token i + 2 + s)."""
+
+    drafter = "eagle3"
+
+    @property
+    def block_size(self) -> int:
+        return self.module.config.ttt_length
+
+    def slot_weights(self) -> torch.Tensor:
+        return step_weights(self.block_size, self.config.eagle3_step_decay)
+
+    def anchors(self, batch):
+        return all_anchors(batch.loss_mask)
+
+    def block_hidden(self, batch, blocks):
+        steps = self.model(batch.features, batch.input_ids, self.block_size)  # T × [B, S, H]
+        return torch.stack([h[blocks.rows, blocks.cols] for h in steps], dim=1)  # T × [M, H] -> [M, T, H]
+
+    def slot_logits(self, hidden, prev):
+        return self.module.draft_logits(hidden)
+
+
+OBJECTIVES = {"dspark": DSparkObjective, "dflash": DFlashObjective, "eagle3": Eagle3Objective}
+
+
+def build_objective(model: nn.Module, target_head: TargetHead | None,
+                    config: ObjectiveConfig | None = None) -> BlockObjective:
+    """The objective for the model's drafter (`config.drafter`); `model` may be DDP-wrapped."""
+    return OBJECTIVES[getattr(model, "module", model).config.drafter](model, target_head, config)

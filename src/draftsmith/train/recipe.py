@@ -1,0 +1,110 @@
+"""A training recipe: which drafter, on which target, with which data, features and schedule.
+
+Recipes are YAML (shipped under `draftsmith/recipes/<target>/<drafter>.yaml`; `--recipe` also
+takes a path), validated into `Recipe`; `--set a.b=value` overrides any key. The `model` section
+holds the drafter's own config fields (DSparkConfig / DFlashConfig / Eagle3Config); everything
+about the target's geometry is derived from the target, never written in a recipe.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from draftsmith.config import StrictConfig, load_config, load_yaml
+from draftsmith.models.io import DRAFTERS
+from draftsmith.utils.io import InputError
+
+
+class DataConfig(StrictConfig):
+    max_length: int = Field(2048, ge=8)  # tokens per rendered conversation (longer: truncated)
+    heldout_fraction: float = Field(0.02, ge=0, lt=1)  # by id hash, when no heldout file is given
+    heldout: str | None = None  # a conversations JSONL used as the held-out split instead
+    max_heldout: int = Field(64, ge=1)  # held-out sequences evaluated at each eval
+    limit: int | None = Field(None, ge=1)  # use only the first N training records
+    template_kwargs: dict[str, Any] = {}  # e.g. {enable_thinking: false}
+
+
+class FeaturesConfig(StrictConfig):
+    mode: Literal["online", "cache"] = "online"
+    cache_dir: str | None = None  # default: RUN/feature-cache when mode == cache
+    dtype: Literal["fp32", "bf16", "fp16", "fp8-e4m3"] = "bf16"
+
+
+class OptimConfig(StrictConfig):
+    lr: float = Field(6e-4, gt=0)
+    warmup_ratio: float = Field(0.04, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class TrainConfig(StrictConfig):
+    seed: int = 0
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; caps epochs
+    global_batch: int = Field(512, ge=1)  # sequences per optimizer step, over all ranks
+    micro_batch: int = Field(4, ge=1)  # sequences per forward on one rank
+    loss_chunk: int = Field(64, ge=1)  # anchors per logits chunk (memory bound)
+    checkpoint_every: int = Field(500, ge=1)  # optimizer steps; the last step always saves
+    eval_every: int = Field(100, ge=1)
+    log_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    threads: int | None = Field(None, ge=1)  # torch CPU threads per process
+    time_budget_min: float | None = Field(None, gt=0)  # stop (and checkpoint) after this long
+
+
+class Recipe(StrictConfig):
+    drafter: Literal["dspark", "dflash", "eagle3"]
+    target: str = "smollm2-135m"
+    model: dict[str, Any] = {}  # the drafter config's own fields
+    data: DataConfig = DataConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    notes: str = ""
+
+    def model_config_class(self):
+        return DRAFTERS[self.drafter][0]
+
+
+def shipped_recipes() -> list[str]:
+    root = resources.files("draftsmith") / "recipes"
+    names = []
+    for target_dir in root.iterdir():
+        if target_dir.is_dir():
+            names += [f"{target_dir.name}/{f.name[:-5]}" for f in target_dir.iterdir() if f.name.endswith(".yaml")]
+    return sorted(names)
+
+
+def recipe_path(name: str) -> Path:
+    """A shipped recipe name (`smollm2-135m/dspark`) or a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise InputError(f"recipe file {name!r} not found")
+        return path
+    shipped = resources.files("draftsmith") / "recipes" / f"{name}.yaml"
+    if not shipped.is_file():
+        raise InputError(f"unknown recipe {name!r}; shipped recipes: {', '.join(shipped_recipes())}")
+    return Path(str(shipped))
+
+
+def load_recipe(name: str, overrides: list[str] = ()) -> Recipe:
+    path = recipe_path(name)
+    recipe = load_config(Recipe, path, overrides)
+    fields = recipe.model_config_class().model_fields
+    unknown = sorted(set(recipe.model) - set(fields))
+    if unknown:
+        raise InputError(f"{path}: unknown key(s) model.{', model.'.join(unknown)} for drafter "
+                         f"{recipe.drafter}; valid keys: {', '.join(sorted(fields))}")
+    return recipe
+
+
+def recipe_dict(name: str) -> dict:
+    return load_yaml(recipe_path(name))

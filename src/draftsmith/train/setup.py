@@ -1,0 +1,115 @@
+"""Everything the train loop needs, built from a recipe: target, data, draft, feature source.
+
+Kept apart from `loop.py` so the loop reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from draftsmith.data.templates import RenderedSample
+from draftsmith.features.cache import FeatureCache, build_cache
+from draftsmith.features.online import FeaturePolicy, SampleFeatures, compute_features, target_identity
+from draftsmith.models.io import build_draft, load_draft
+from draftsmith.models.vocab import build_draft_vocab
+from draftsmith.target.model import TargetModel, load_target_model, load_tokenizer
+from draftsmith.train.dataset import TrainData, prepare_data, supervised_token_counts
+from draftsmith.train.parallel import DistInfo, barrier
+from draftsmith.train.recipe import Recipe
+from draftsmith.utils.io import InputError
+from draftsmith.utils.paths import cache_root
+
+log = logging.getLogger(__name__)
+
+
+def build_model(recipe: Recipe, hf_target: nn.Module, data: TrainData, init_from: str | None) -> nn.Module:
+    """The draft, initialized from the target (frozen embedding / LM head copies) or from a
+    draft dir (`init_from`, e.g. a DeepSpec checkpoint for continued training)."""
+    if init_from:
+        return load_draft(init_from)
+    cls = recipe.model_config_class()
+    cfg = cls.from_target(hf_target.config, **recipe.model)
+    model = build_draft(cfg)
+    kept = None
+    if cfg.draft_vocab_size and cfg.draft_vocab_size < cfg.vocab_size:
+        counts = supervised_token_counts(data.train, cfg.vocab_size)
+        specials = [i for i in range(min(cfg.vocab_size, 64)) if counts[i] > 0]
+        kept = build_draft_vocab(counts, cfg.draft_vocab_size, always_include=specials).kept_ids
+        covered = counts[kept].sum().item() / max(counts.sum().item(), 1)
+        data.lines.append(f"draft vocabulary: {cfg.draft_vocab_size} of {cfg.vocab_size} tokens cover "
+                          f"{covered:.2%} of the training labels")
+    return model.init_from_target(hf_target, kept)
+
+
+class FeatureSource:
+    """Features of rendered samples: computed by the target (online) or read from a cache."""
+
+    def __init__(self, target: TargetModel, cache: FeatureCache | None, policy: FeaturePolicy):
+        self.target, self.cache, self.policy = target, cache, policy
+        self.index = {rid: i for i, rid in enumerate(cache.record_ids)} if cache is not None else {}
+
+    def __call__(self, samples: list[RenderedSample]) -> list[SampleFeatures]:
+        if self.cache is None:
+            return compute_features(self.target, samples, self.policy)
+        return [self.cache[self.index[s.id]] for s in samples]
+
+
+def _cache_dir(recipe: Recipe, target: TargetModel, samples: list[RenderedSample]) -> Path:
+    if recipe.features.cache_dir:
+        return Path(recipe.features.cache_dir)
+    key = json.dumps({"target": target_identity(target), "layers": target.layer_ids,
+                      "dtype": recipe.features.dtype, "max_length": recipe.data.max_length,
+                      "samples": [(s.id, len(s.input_ids), sum(s.loss_mask)) for s in samples]},
+                     sort_keys=True)
+    return cache_root() / "features" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: DistInfo,
+                   tokenizer, cache_dir: str | None, progress: bool) -> FeatureSource:
+    """Online features, or a cache that rank 0 builds (or resumes, or reuses) first."""
+    policy = FeaturePolicy()
+    if recipe.features.mode == "online" and not cache_dir:
+        return FeatureSource(target, None, policy)
+    samples = data.train + data.heldout
+    path = Path(cache_dir) if cache_dir else _cache_dir(recipe, target, samples)
+    if info.is_main:
+        manifest = path / "manifest.json"
+        if not (manifest.is_file() and json.loads(manifest.read_text()).get("complete")):
+            log.info("building the feature cache in %s", path)
+            build_cache(target, samples, path, dtype=recipe.features.dtype,
+                        max_length=recipe.data.max_length, tokenizer=tokenizer, progress=progress)
+    barrier()
+    cache = FeatureCache.open(path, expect_target=target, expect_layer_ids=target.layer_ids)
+    missing = [s.id for s in samples if s.id not in set(cache.record_ids)]
+    if missing:
+        raise InputError(f"{path}: the cache lacks {len(missing)} of the training samples "
+                         f"(first: {missing[0]!r}); it was built from other data")
+    return FeatureSource(target, cache, policy)
+
+
+@dataclass
+class Setup:
+    target: TargetModel
+    tokenizer: object
+    data: TrainData
+    model: nn.Module
+    features: FeatureSource
+
+
+def build_setup(recipe: Recipe, data_path: str, info: DistInfo, cache_dir: str | None = None,
+                init_from: str | None = None, progress: bool = True) -> Setup:
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    hf, source = load_target_model(recipe.target, dtype)
+    tokenizer = load_tokenizer(source)
+    data = prepare_data(data_path, tokenizer, recipe.data)
+    model = build_model(recipe, hf, data, init_from)
+    target = TargetModel(hf, list(model.config.target_layer_ids), source).to(info.device)
+    features = feature_source(recipe, target, data, info, tokenizer, cache_dir, progress)
+    return Setup(target, tokenizer, data, model.to(info.device), features)
