@@ -29,10 +29,15 @@ def valid_keys(cls: type[BaseModel]) -> list[str]:
     return sorted(cls.model_fields)
 
 
-def _nested_class(cls: type[BaseModel], key: str) -> type[BaseModel] | None:
+FREE_FORM = object()  # marks a `dict[str, Any]` field (e.g. a recipe's drafter-specific `model`)
+
+
+def _nested_class(cls: type[BaseModel], key: str):
     annotation = cls.model_fields[key].annotation
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    if annotation is dict or getattr(annotation, "__origin__", None) is dict:
+        return FREE_FORM
     return None
 
 
@@ -44,7 +49,7 @@ def check_keys(cls: type[BaseModel], data: dict, where: str, prefix: str = "") -
                 f"{where}: unknown key '{prefix}{key}'; valid keys here: {', '.join(valid_keys(cls))}"
             )
         sub = _nested_class(cls, key)
-        if sub is not None and isinstance(value, dict):
+        if sub is not None and sub is not FREE_FORM and isinstance(value, dict):
             check_keys(sub, value, where, prefix=f"{prefix}{key}.")
 
 
@@ -70,7 +75,9 @@ def apply_overrides(cls: type[BaseModel], data: dict, overrides: list[str]) -> d
         path, value = parse_override(item)
         node, node_cls = data, cls
         for i, key in enumerate(path):
-            if node_cls is None or key not in node_cls.model_fields:
+            if node_cls is FREE_FORM:  # a dict field: its keys are checked by its owner
+                pass
+            elif node_cls is None or key not in node_cls.model_fields:
                 keys = ", ".join(valid_keys(node_cls)) if node_cls else "(not a section)"
                 raise InputError(
                     f"--set {item}: unknown key '{'.'.join(path[: i + 1])}'; valid keys here: {keys}"
@@ -79,7 +86,7 @@ def apply_overrides(cls: type[BaseModel], data: dict, overrides: list[str]) -> d
                 node[key] = value
             else:
                 node = node.setdefault(key, {})
-                node_cls = _nested_class(node_cls, key)
+                node_cls = FREE_FORM if node_cls is FREE_FORM else _nested_class(node_cls, key)
     return data
 
 

@@ -32,6 +32,10 @@ class FeaturesConfig(StrictConfig):
     mode: Literal["online", "cache"] = "online"
     cache_dir: str | None = None  # default: RUN/feature-cache when mode == cache
     dtype: Literal["fp32", "bf16", "fp16", "fp8-e4m3"] = "bf16"
+    # auto: one unpadded sequence per target forward on CPU (bitwise reproducible), padded
+    # length-bucketed batches on GPU; padded is ~2x faster on CPU too, equal up to float rounding
+    batching: Literal["auto", "unpadded", "padded"] = "auto"
+    max_batch_tokens: int = Field(4096, ge=64)
 
 
 class OptimConfig(StrictConfig):

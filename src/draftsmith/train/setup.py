@@ -74,7 +74,8 @@ def _cache_dir(recipe: Recipe, target: TargetModel, samples: list[RenderedSample
 def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: DistInfo,
                    tokenizer, cache_dir: str | None, progress: bool) -> FeatureSource:
     """Online features, or a cache that rank 0 builds (or resumes, or reuses) first."""
-    policy = FeaturePolicy()
+    policy = FeaturePolicy(batching=recipe.features.batching,
+                           max_batch_tokens=recipe.features.max_batch_tokens)
     if recipe.features.mode == "online" and not cache_dir:
         return FeatureSource(target, None, policy)
     samples = data.train + data.heldout
@@ -83,7 +84,7 @@ def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: D
         manifest = path / "manifest.json"
         if not (manifest.is_file() and json.loads(manifest.read_text()).get("complete")):
             log.info("building the feature cache in %s", path)
-            build_cache(target, samples, path, dtype=recipe.features.dtype,
+            build_cache(target, samples, path, dtype=recipe.features.dtype, policy=policy,
                         max_length=recipe.data.max_length, tokenizer=tokenizer, progress=progress)
     barrier()
     cache = FeatureCache.open(path, expect_target=target, expect_layer_ids=target.layer_ids)

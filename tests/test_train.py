@@ -1,0 +1,132 @@
+"""The train loop end to end on tiny random targets: families, resume after kill -9, torchrun
+parity, fp32 cache == online, checkpoints loadable without the trainer, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from draftsmith.train.metrics import read_metrics
+from draftsmith.utils.io import InputError
+from train_fixtures import make_data, make_recipe, make_target_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {"root": root, "data": make_data(root / "data.jsonl"),
+            "llama": make_target_dir(root, "llama"), "qwen3": make_target_dir(root, "qwen3"),
+            "gemma": make_target_dir(root, "gemma")}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "draftsmith.cli", *args]
+
+
+def train_cmd(recipe: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return cli("train", "--recipe", str(recipe), "--data", str(data), "--out", str(out), "--no-progress", *extra)
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["train/loss"]) for m in read_metrics(run) if "train/loss" in m]
+
+
+@pytest.mark.parametrize("family,drafter", [("llama", "dspark"), ("qwen3", "dflash"), ("gemma", "dspark"),
+                                            ("qwen3", "eagle3"), ("llama", "eagle3")])
+def test_tiny_targets_train_and_checkpoint_loads(world, tmp_path, family, drafter):
+    from draftsmith.models.io import load_draft
+    from draftsmith.train.loop import train
+    from draftsmith.train.recipe import load_recipe
+
+    recipe = load_recipe(str(make_recipe(tmp_path / "r.yaml", world[family], drafter)), ["train.max_steps=8"])
+    final = train(recipe, str(world["data"]), tmp_path / "run", progress=False)
+    assert final.name == "step_8" and (tmp_path / "run" / "step_latest").resolve() == final
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 8 and curve[-1][1] < curve[0][1]
+    metrics = read_metrics(tmp_path / "run")
+    assert any("eval/tau_sim" in m for m in metrics)
+    draft = load_draft(final)
+    assert draft.config.drafter == drafter
+
+
+def test_kill9_resume_reproduces_the_loss_curve(world, tmp_path):
+    recipe = make_recipe(tmp_path / "r.yaml", world["llama"], "dspark",
+                         train={"epochs": 40, "checkpoint_every": 3, "eval_every": 5, "max_steps": 90})
+    ref = tmp_path / "ref"
+    subprocess.run(train_cmd(recipe, world["data"], ref), check=True, timeout=600)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(recipe, world["data"], run))
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "step_9").exists():
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "step_90").exists(), "the kill should land mid-run"
+    subprocess.run(train_cmd(recipe, world["data"], run), check=True, timeout=600)
+    assert losses(run) == losses(ref)
+    assert len(losses(ref)) == 90
+    ev = lambda r: [(m["step"], m["eval/tau_sim"]) for m in read_metrics(r) if "eval/tau_sim" in m]  # noqa: E731
+    assert ev(run) == ev(ref)
+
+
+def test_torchrun_two_processes_match_one(world, tmp_path):
+    recipe = make_recipe(tmp_path / "r.yaml", world["qwen3"], "dspark", train={"max_steps": 10, "eval_every": 100})
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(train_cmd(recipe, world["data"], one), check=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "draftsmith.cli", "train", "--recipe", str(recipe), "--data", str(world["data"]),
+                    "--out", str(two), "--no-progress"], check=True, timeout=600, env=env)
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 10
+    for (sa, la), (sb, lb) in zip(a, b):
+        assert sa == sb and abs(la - lb) <= 1e-5 * abs(la), (sa, la, lb)
+
+
+def test_fp32_cache_gives_the_online_loss(world, tmp_path):
+    from draftsmith.train.loop import train
+    from draftsmith.train.recipe import load_recipe
+
+    r = make_recipe(tmp_path / "r.yaml", world["llama"], "dspark",
+                    features={"batching": "unpadded"}, train={"max_steps": 4})
+    online = load_recipe(str(r))
+    cached = load_recipe(str(r), ["features.mode=cache", f"features.cache_dir={tmp_path / 'cache'}"])
+    train(online, str(world["data"]), tmp_path / "online", progress=False)
+    train(cached, str(world["data"]), tmp_path / "cached", progress=False)
+    assert (tmp_path / "cache" / "manifest.json").is_file()
+    assert losses(tmp_path / "online") == losses(tmp_path / "cached")
+
+
+def test_bad_inputs_fail_clearly(world, tmp_path):
+    from draftsmith.train.loop import train
+    from draftsmith.train.recipe import load_recipe
+
+    r = make_recipe(tmp_path / "r.yaml", world["llama"], "dspark")
+    with pytest.raises(InputError, match="unknown key 'train.max_stepz'"):
+        load_recipe(str(r), ["train.max_stepz=3"])
+    with pytest.raises(InputError, match="model.block_sise"):
+        load_recipe(str(r), ["model.block_sise=3"])
+    with pytest.raises(InputError, match="draft_vocab_size 100000 exceeds"):
+        train(load_recipe(str(r), ["model.draft_vocab_size=100000"]), str(world["data"]), tmp_path / "a", progress=False)
+    with pytest.raises(InputError, match="mask_token_id 5000 is outside the embedding"):
+        train(load_recipe(str(r), ["model.mask_token_id=5000"]), str(world["data"]), tmp_path / "b", progress=False)
+    with pytest.raises(InputError, match="final layer"):
+        train(load_recipe(str(r), ["model.target_layer_ids=[0,3]"]), str(world["data"]), tmp_path / "c", progress=False)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"id": "x", "conversations": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(InputError, match="no trainable tokens"):
+        train(load_recipe(str(r)), str(empty), tmp_path / "d", progress=False)
+    # a cache built for other layers is refused
+    cache = tmp_path / "cache"
+    train(load_recipe(str(r), ["features.mode=cache", f"features.cache_dir={cache}", "train.max_steps=1"]),
+          str(world["data"]), tmp_path / "e", progress=False)
+    with pytest.raises(InputError, match="layers"):
+        train(load_recipe(str(r), ["features.mode=cache", f"features.cache_dir={cache}", "train.max_steps=1",
+                                   "model.target_layer_ids=[0,1]"]), str(world["data"]), tmp_path / "f", progress=False)
+    with pytest.raises(InputError, match="unknown recipe"):
+        load_recipe("smollm2-135m/medusa")
