@@ -218,6 +218,7 @@ def total_steps(recipe: Recipe, n_train: int) -> int:
 def train(recipe: Recipe, data: str, out: str | Path, cache: str | None = None, heldout: str | None = None,
           init_from: str | None = None, resume: bool = True, progress: bool = True) -> Path:
     """Run (or resume) a training run; returns the final checkpoint dir."""
+    started = time.time()
     info = init_distributed()
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -226,7 +227,8 @@ def train(recipe: Recipe, data: str, out: str | Path, cache: str | None = None, 
     run = Path(out)
     torch.manual_seed(recipe.train.seed)
     s = build_setup(recipe, data, info, cache, init_from, progress and info.is_main)
-    objective = build_objective(s.model, s.target.logits, ObjectiveConfig(chunk_size=recipe.train.loss_chunk))
+    objective = build_objective(s.model, s.target.logits, ObjectiveConfig(chunk_size=recipe.train.loss_chunk,
+                                                                           recompute=recipe.train.recompute))
     params = [p for p in s.model.parameters() if p.requires_grad]
     steps = total_steps(recipe, len(s.data.train))
     opt, sched = make_optimizer(s.model, recipe, steps)
@@ -238,7 +240,7 @@ def train(recipe: Recipe, data: str, out: str | Path, cache: str | None = None, 
     metrics = MetricsLog(run, info.is_main, resume_step=start if start else None)
     held_feats = s.features(s.data.heldout) if info.is_main else []
     final = _loop(run, s, recipe, objective, params, opt, sched, info, start, steps, metrics,
-                  held_feats, progress)
+                  held_feats, progress, started)
     metrics.close()
     barrier()
     shutdown()
@@ -261,9 +263,10 @@ def _maybe_resume(run: Path, s: Setup, opt, sched, resume: bool) -> int:
 
 
 def _loop(run, s: Setup, recipe: Recipe, objective, params, opt, sched, info, start, steps, metrics,
-          held_feats, progress) -> Path:
+          held_feats, progress, t0: float) -> Path:
+    """Steps `start`..`steps`; `t0` = when the command started (the time budget counts from it)."""
     t_cfg = recipe.train
-    t0, final = time.time(), None
+    final = None
     bar = tqdm(total=steps, initial=start, desc=f"train {recipe.drafter}", unit="step",
                disable=not (progress and info.is_main), dynamic_ncols=True)
     for step in range(start, steps):

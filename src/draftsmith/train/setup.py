@@ -106,7 +106,9 @@ class Setup:
 
 def build_setup(recipe: Recipe, data_path: str, info: DistInfo, cache_dir: str | None = None,
                 init_from: str | None = None, progress: bool = True) -> Setup:
-    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    want = recipe.features.target_dtype
+    bf16 = want == "bf16" or (want == "auto" and info.device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
     hf, source = load_target_model(recipe.target, dtype)
     tokenizer = load_tokenizer(source)
     data = prepare_data(data_path, tokenizer, recipe.data)
