@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from draftsmith.train.metrics import read_metrics
 from draftsmith.utils.io import InputError
@@ -74,18 +75,37 @@ def test_kill9_resume_reproduces_the_loss_curve(world, tmp_path):
     assert ev(run) == ev(ref)
 
 
-def test_torchrun_two_processes_match_one(world, tmp_path):
-    recipe = make_recipe(tmp_path / "r.yaml", world["qwen3"], "dspark", train={"max_steps": 10, "eval_every": 100})
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_torchrun_two_processes_match_one(world, tmp_path, parallel):
+    recipe = make_recipe(tmp_path / "r.yaml", world["qwen3"], "dspark",
+                         train={"max_steps": 10, "eval_every": 100, "checkpoint_every": 5, "parallel": parallel})
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(train_cmd(recipe, world["data"], one), check=True, timeout=600)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "-m", "draftsmith.cli", "train", "--recipe", str(recipe), "--data", str(world["data"]),
-                    "--out", str(two), "--no-progress"], check=True, timeout=600, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "draftsmith.cli", "train", "--recipe", str(recipe), "--data", str(world["data"]),
+                "--out", str(two), "--no-progress"]
+    subprocess.run(torchrun, check=True, timeout=600, env=env)
     a, b = losses(one), losses(two)
+    # resume the 2-process run from its step-5 checkpoint: the same curve again
+    import shutil
+
+    shutil.rmtree(two / "step_10")
+    (two / "step_latest").unlink()
+    (two / "step_latest").symlink_to("step_5")
+    subprocess.run(torchrun, check=True, timeout=600, env=env)
+    assert losses(two) == b
     assert len(a) == len(b) == 10
     for (sa, la), (sb, lb) in zip(a, b):
         assert sa == sb and abs(la - lb) <= 1e-5 * abs(la), (sa, la, lb)
+    # one checkpoint file set for the whole run (not one per rank), loadable without the trainer
+    from draftsmith.models.io import load_draft
+
+    d1, d2 = load_draft(one / "step_10"), load_draft(two / "step_10")
+    for (k, v1), (_, v2) in zip(sorted(d1.state_dict().items()), sorted(d2.state_dict().items())):
+        assert torch.allclose(v1, v2, rtol=1e-4, atol=1e-6), k
+    assert sorted(p.name for p in (two / "step_10").iterdir()) == ["config.json", "model.safetensors",
+                                                                  "training_state.pt"]
 
 
 def test_fp32_cache_gives_the_online_loss(world, tmp_path):

@@ -32,6 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from draftsmith.models.layers import (
+    ContextRows,
     DecoderLayer,
     DraftGeometry,
     GemmaDecoderLayer,
@@ -339,7 +340,7 @@ class DSparkModel(DraftVocabMixin, nn.Module):
             cos_c, sin_c = self.rotary(ctx_pos, x.dtype)
         for i, layer in enumerate(self.layers):
             if ctx is not None:
-                kv = layer.self_attn.project_kv(ctx, cos_c, sin_c)
+                kv = ContextRows(ctx, cos_c, sin_c)  # projected inside the layer's forward
             else:
                 kv = cache.get(i) if cache is not None else None
             x = layer(x, cos, sin, mask, prefix_kv=kv)

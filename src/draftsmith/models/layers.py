@@ -272,6 +272,16 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+@dataclass
+class ContextRows:
+    """Context rows [B, S, H] with their RoPE tables, projected to keys/values *inside* the
+    layer's forward (so FSDP2, which gathers a layer's weights only around its forward, works)."""
+
+    rows: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 class Attention(nn.Module):
     """GQA attention; keys/values may be prefixed with precomputed context keys/values.
 
@@ -327,6 +337,8 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
     def forward(self, x, cos, sin, mask, prefix_kv=None, is_causal: bool = False) -> torch.Tensor:
+        if isinstance(prefix_kv, ContextRows):
+            prefix_kv = self.project_kv(prefix_kv.rows, prefix_kv.cos, prefix_kv.sin)
         """Attend from x to [prefix_kv; x]; mask covers all those keys ([B|1, 1, T, P + T])."""
         q = self.project_q(x, cos, sin)
         k, v = self.project_kv(x, cos, sin)

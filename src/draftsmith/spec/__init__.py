@@ -1,0 +1,25 @@
+"""Lossless speculative decoding: one propose -> verify -> commit loop (`engine`), the sampling
+transforms and acceptance rules (`sampling`), KV caches for ragged batches (`kv`), the proposers
+each algorithm plugs in (`proposers`) and truncation rules (`truncate`)."""
+
+from draftsmith.spec.engine import DecodeRun, Generation, RoundRecord, SpecEngine, summarize
+from draftsmith.spec.proposers import (
+    DecodeState,
+    DSparkProposer,
+    Eagle3Proposer,
+    NGramProposer,
+    OracleProposer,
+    PlainProposer,
+    Proposal,
+    Proposer,
+    proposer_for,
+)
+from draftsmith.spec.sampling import SamplingConfig
+from draftsmith.spec.truncate import FixedLength, KeepAll, PMinRule, SurvivalRule
+
+__all__ = [
+    "DecodeRun", "DecodeState", "DSparkProposer", "Eagle3Proposer", "FixedLength", "Generation",
+    "KeepAll", "NGramProposer", "OracleProposer", "PMinRule", "PlainProposer", "Proposal",
+    "Proposer", "RoundRecord", "SamplingConfig", "SpecEngine", "SurvivalRule", "proposer_for",
+    "summarize",
+]

@@ -34,7 +34,10 @@ from draftsmith.train.objectives import (
     LossParts, ObjectiveConfig, TauSimMeter, TrainBatch, build_objective, reduce_denominators,
 )
 from draftsmith.train.anchors import batch_anchors
-from draftsmith.train.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from draftsmith.train.parallel import (
+    DistInfo, all_reduce_sum, barrier, full_model_state, grad_norm_and_clip, init_distributed, shard_layers,
+    shutdown,
+)
 from draftsmith.train.recipe import Recipe, load_recipe
 from draftsmith.train.setup import Setup, build_setup
 from draftsmith.utils.io import atomic_write_json
@@ -110,7 +113,8 @@ def make_optimizer(model, recipe: Recipe, total_steps: int):
 
 
 def all_reduce_grads(params: list[torch.Tensor]) -> None:
-    """Sum gradients over ranks in one flat bucket (no-op on one process)."""
+    """Sum the replicated parameters' gradients over ranks in one flat bucket (no-op on one
+    process); FSDP2-sharded gradients are already reduce-scattered as sums."""
     grads = [p.grad for p in params if p.grad is not None and not hasattr(p.grad, "placements")]
     if not grads:
         return
@@ -171,7 +175,7 @@ def _step_metrics(objective, sums: dict, den: dict, tau: TauSimMeter, tokens, se
     for k, v in zip(keys, flat[:-1].tolist()):
         out[k] = v / max(float(den[TERM_DENOMINATOR[k]]), 1e-12)
         loss += getattr(objective.loss_weights, k) * out[k]
-    out.update(loss=loss, tokens=float(flat[-1]), sequences=sequences)
+    out.update(loss=loss, tokens=float(flat[-1]), sequences=sequences, blocks=float(tau.blocks))
     if float(tau.blocks):
         out.update(tau_sim=tau.value(), c_star=[round(c, 5) for c in tau.per_position()["c_star"]])
     return out
@@ -227,35 +231,49 @@ def train(recipe: Recipe, data: str, out: str | Path, cache: str | None = None, 
     run = Path(out)
     torch.manual_seed(recipe.train.seed)
     s = build_setup(recipe, data, info, cache, init_from, progress and info.is_main)
+    sharded = info.world > 1 and recipe.train.parallel == "fsdp2"
+    if sharded:
+        shard_layers(s.model, info)
     objective = build_objective(s.model, s.target.logits, ObjectiveConfig(chunk_size=recipe.train.loss_chunk,
                                                                            recompute=recipe.train.recompute))
     params = [p for p in s.model.parameters() if p.requires_grad]
     steps = total_steps(recipe, len(s.data.train))
     opt, sched = make_optimizer(s.model, recipe, steps)
-    start = _maybe_resume(run, s, opt, sched, resume)
+    start = _maybe_resume(run, s, opt, sched, resume, sharded)
     if info.is_main:
         for line in s.data.lines:
             log.info(line)
         atomic_write_json(run / "recipe.json", recipe.model_dump(mode="json"))
     metrics = MetricsLog(run, info.is_main, resume_step=start if start else None)
-    held_feats = s.features(s.data.heldout) if info.is_main else []
+    # held-out evaluation runs on rank 0; with FSDP2 every rank takes part (its forwards gather)
+    held_feats = s.features(s.data.heldout) if info.is_main or sharded else []
     final = _loop(run, s, recipe, objective, params, opt, sched, info, start, steps, metrics,
-                  held_feats, progress, started)
+                  held_feats, progress, started, sharded)
     metrics.close()
     barrier()
     shutdown()
     return final
 
 
-def _maybe_resume(run: Path, s: Setup, opt, sched, resume: bool) -> int:
+def _maybe_resume(run: Path, s: Setup, opt, sched, resume: bool, sharded: bool) -> int:
     last = ckpt.latest_checkpoint(run) if resume else None
     if last is None:
         return 0
     from draftsmith.models.io import load_draft
 
-    s.model.load_state_dict(load_draft(last).state_dict())
+    full = load_draft(last).state_dict()
     state = ckpt.load_state(last)
-    opt.load_state_dict(state["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(s.model, full, options=opts)
+        set_optimizer_state_dict(s.model, opt, state["optimizer"], options=opts)
+    else:
+        s.model.load_state_dict(full)
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     ckpt.set_rng_state(state["rng"])
     log.info("resuming from %s (step %d)", last, state["step"])
@@ -263,7 +281,7 @@ def _maybe_resume(run: Path, s: Setup, opt, sched, resume: bool) -> int:
 
 
 def _loop(run, s: Setup, recipe: Recipe, objective, params, opt, sched, info, start, steps, metrics,
-          held_feats, progress, t0: float) -> Path:
+          held_feats, progress, t0: float, sharded: bool = False) -> Path:
     """Steps `start`..`steps`; `t0` = when the command started (the time budget counts from it)."""
     t_cfg = recipe.train
     final = None
@@ -274,7 +292,7 @@ def _loop(run, s: Setup, recipe: Recipe, objective, params, opt, sched, info, st
         s.model.train()
         opt.zero_grad(set_to_none=True)
         m = train_step(step, s, recipe, objective, params, info)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip)
+        gnorm = grad_norm_and_clip(params, recipe.optim.grad_clip)
         m.update(lr=sched.get_last_lr()[0], grad_norm=float(gnorm), epoch=step * t_cfg.global_batch / len(s.data.train),
                  tokens_per_s=m["tokens"] / max(time.time() - tic, 1e-9))
         opt.step()
@@ -284,13 +302,13 @@ def _loop(run, s: Setup, recipe: Recipe, objective, params, opt, sched, info, st
         last = done == steps or over
         if info.is_main and (done % t_cfg.log_every == 0 or last):
             metrics.log(done, {f"train/{k}": v for k, v in m.items()})
-        if info.is_main and (done % t_cfg.eval_every == 0 or last):
+        if (info.is_main or sharded) and (done % t_cfg.eval_every == 0 or last):
             s.model.eval()
             ev = evaluate(s, recipe, objective, info, held_feats)
-            metrics.log(done, ev)
+            metrics.log(done, ev)  # rank 0 only
             bar.set_postfix(loss=f"{m['loss']:.3f}", tau_sim=f"{ev.get('eval/tau_sim', 0):.2f}")
         if done % t_cfg.checkpoint_every == 0 or last:
-            final = _save(run, done, s, opt, sched, info, t_cfg.keep_checkpoints)
+            final = _save(run, done, s, opt, sched, info, t_cfg.keep_checkpoints, sharded)
         bar.update(1)
         if over:
             log.info("time budget of %.1f min reached at step %d of %d", t_cfg.time_budget_min, done, steps)
@@ -299,13 +317,26 @@ def _loop(run, s: Setup, recipe: Recipe, objective, params, opt, sched, info, st
     return final or ckpt.latest_checkpoint(run)
 
 
-def _save(run, step, s: Setup, opt, sched, info, keep) -> Path | None:
+def _save(run, step, s: Setup, opt, sched, info, keep, sharded: bool = False) -> Path | None:
+    """Rank 0 writes the checkpoint; with FSDP2 every rank first takes part in the gathers."""
+    model, optim_state = s.model, None
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        from draftsmith.models.io import build_draft
+
+        full = full_model_state(s.model)
+        optim_state = get_optimizer_state_dict(
+            s.model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if info.is_main:
+            model = build_draft(s.model.config)
+            model.load_state_dict(full)
     if not info.is_main:
         barrier()
         return None
-    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "rng": ckpt.rng_state(), "world_size": info.world}
-    path = ckpt.save_checkpoint(run, step, s.model, state, keep)
+    state = {"step": step, "optimizer": optim_state if sharded else opt.state_dict(),
+             "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "world_size": info.world}
+    path = ckpt.save_checkpoint(run, step, model, state, keep)
     barrier()
     return path
 

@@ -51,22 +51,48 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap_model(model: nn.Module, info: DistInfo, parallel: str) -> nn.Module:
-    """DDP (gradients averaged over ranks) or FSDP2 (parameters sharded per draft layer)."""
-    if info.world == 1:
-        return model
-    if parallel == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+def shard_layers(model: nn.Module, info: DistInfo) -> list[nn.Module]:
+    """FSDP2: shard each draft decoder layer (`model.layers`, or Eagle3's `midlayer`) over the
+    ranks with `fully_shard`, gradients reduce-scattered as SUMS (the loss is already normalized
+    over the global batch). The rest (fc, norms, heads) stays replicated and is all-reduced by
+    the loop. Returns the sharded modules."""
+    from torch.distributed.fsdp import fully_shard
 
-        for layer in getattr(model, "layers", []):
-            fully_shard(layer)
-        return fully_shard(model)
-    ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+    layers = list(getattr(model, "layers", None) or [model.midlayer])
+    for layer in layers:
+        fully_shard(layer)
+        layer.set_gradient_divide_factor(1.0)  # sums, not means
+        layer.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+    return layers
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def is_sharded(t: torch.Tensor) -> bool:
+    return hasattr(t, "placements")  # a DTensor
+
+
+def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> float:
+    """Total L2 norm of the gradients (replicated and FSDP2-sharded alike), then clip to max_norm."""
+    local = torch.zeros((), dtype=torch.float64)
+    shard = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        if is_sharded(p.grad):
+            shard += p.grad.to_local().double().pow(2).sum().cpu()
+        else:
+            local += p.grad.double().pow(2).sum().cpu()
+    total = float((local + all_reduce_sum(shard)).sqrt())
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return total
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict on every rank (collective when sharded), on CPU."""
+    return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu() for k, v in model.state_dict().items()}
 
 
 def shutdown() -> None:

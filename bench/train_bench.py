@@ -1,0 +1,122 @@
+"""Training throughput and peak memory of the three drafters, and the feature cache's bytes/token
+against DeepSpec's layout — side by side, in one run.
+
+    .venv/bin/python bench/train_bench.py [--steps 6] [--limit 64] [--target smollm2-135m]
+
+Each drafter trains its shipped recipe (`smollm2-135m/{dspark,dflash,eagle3}`) for a few steps in
+its own process (so peak memory is its own): features come from the recipe's cache (built on the
+first run, reused after), the first step is a warm-up, and the table reports anchor-blocks/s
+(supervised blocks of γ slots; Eagle3: TTT chains), supervised slots/s, and peak RSS (CPU) or
+peak allocated memory (GPU). Numbers are this machine's, now: run it again before comparing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+DRAFTERS = ("dspark", "dflash", "eagle3")
+
+
+def child(drafter: str, target: str, data: str, steps: int, limit: int) -> dict:
+    import torch
+
+    from draftsmith.train import loop
+    from draftsmith.train.objectives import ObjectiveConfig, build_objective
+    from draftsmith.train.parallel import init_distributed
+    from draftsmith.train.recipe import load_recipe
+    from draftsmith.train.setup import build_setup
+
+    recipe = load_recipe(f"{target}/{drafter}", [f"data.limit={limit}"])
+    info = init_distributed()
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    s = build_setup(recipe, data, info, progress=False)
+    obj = build_objective(s.model, s.target.logits, ObjectiveConfig(chunk_size=recipe.train.loss_chunk,
+                                                                    recompute=recipe.train.recompute))
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    opt, _ = loop.make_optimizer(s.model, recipe, steps + 1)
+    if info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    blocks = slots = 0.0
+    elapsed = 0.0
+    for step in range(steps + 1):
+        opt.zero_grad(set_to_none=True)
+        tic = time.perf_counter()
+        m = loop.train_step(step, s, recipe, obj, params, info)
+        opt.step()
+        if step:  # step 0 is a warm-up
+            elapsed += time.perf_counter() - tic
+            blocks += m["blocks"]
+            slots += m["tokens"]
+    peak = (torch.cuda.max_memory_allocated() if info.device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    trainable = sum(p.numel() for p in params)
+    return {"drafter": drafter, "blocks_per_s": blocks / elapsed, "slots_per_s": slots / elapsed,
+            "s_per_step": elapsed / steps, "peak_bytes": peak, "device": info.device.type,
+            "trainable_params": trainable, "block_size": s.model.config.block_size
+            if hasattr(s.model.config, "block_size") else s.model.config.ttt_length}
+
+
+def cache_rows(target: str, data: str, limit: int) -> list[dict]:
+    from draftsmith.features.commands import load_samples
+    from draftsmith.features.estimate import estimate
+    from draftsmith.target.model import load_tokenizer
+    from draftsmith.train.recipe import load_recipe
+    from transformers import AutoConfig
+
+    from draftsmith.target.model import materialized_dir
+    from draftsmith.target.resolve import resolve_target
+
+    recipe = load_recipe(f"{target}/dspark")
+    tok = load_tokenizer(recipe.target)
+    samples, _ = load_samples(data, tok, recipe.data.max_length, limit)
+    source = resolve_target(recipe.target)
+    cfg = AutoConfig.from_pretrained(materialized_dir(source) if source.kind == "gguf" else source.path)
+    rows = []
+    for dtype in ("bf16", "fp8-e4m3"):
+        est = estimate(samples, hidden_size=cfg.hidden_size, layer_ids=recipe.model["target_layer_ids"],
+                       vocab_size=cfg.vocab_size, dtype=dtype)
+        rows.append({"dtype": dtype, "ours": est.bytes_per_token, "deepspec": est.deepspec_bytes_per_token})
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--data", default="../shared/data/sharegpt-smollm2-regen.jsonl")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--limit", type=int, default=64, help="training records (the cache covers them)")
+    p.add_argument("--child", choices=DRAFTERS, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print("RESULT " + json.dumps(child(a.child, a.target, a.data, a.steps, a.limit)), flush=True)
+        return 0
+    results = []
+    for d in DRAFTERS:
+        out = subprocess.run([sys.executable, __file__, "--child", d, "--target", a.target, "--data", a.data,
+                              "--steps", str(a.steps), "--limit", str(a.limit)],
+                             capture_output=True, text=True, check=False)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            print(out.stderr[-3000:], file=sys.stderr)
+            return 1
+        results.append(json.loads(line[0][7:]))
+    print(f"\ntraining throughput ({a.target}, shipped recipes, {a.steps} steps after a warm-up)")
+    print(f"{'drafter':8} {'γ':>3} {'blocks/s':>9} {'slots/s':>9} {'s/step':>7} {'peak MiB':>9} {'trainable':>10}")
+    for r in results:
+        print(f"{r['drafter']:8} {r['block_size']:>3} {r['blocks_per_s']:>9.1f} {r['slots_per_s']:>9.1f} "
+              f"{r['s_per_step']:>7.2f} {r['peak_bytes'] / 2**20:>9.0f} {r['trainable_params'] / 1e6:>9.2f}M")
+    print(f"\nfeature cache bytes/token ({a.target}, {a.limit} records, DSpark layers)")
+    print(f"{'dtype':9} {'draftsmith':>11} {'DeepSpec':>9} {'ratio':>6}")
+    for r in cache_rows(a.target, a.data, a.limit):
+        print(f"{r['dtype']:9} {r['ours']:>11.1f} {r['deepspec']:>9.1f} {r['ours'] / r['deepspec']:>6.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

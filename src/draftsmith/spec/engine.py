@@ -1,0 +1,281 @@
+"""The one decode loop: prefill, then rounds of propose -> verify -> commit.
+
+Prefill runs the target over the left-padded prompts (capturing the proposer's feature layers)
+and draws each row's first token from the last prompt position (a plain target step, not a
+round). Each round then:
+
+1. propose: the proposer drafts K tokens per row; the truncation rule (default: keep all) cuts
+   row r to lengths[r] <= K after drafting.
+2. verify: one target forward over [last committed token, d_1..d_K] per row (rows with shorter
+   drafts are padded at the end; causal attention keeps the padding out of the real positions).
+   The target distribution at input index i verifies d_{i+1}; index K gives the bonus
+   (`sampling.verify_greedy` / `verify_sampled`).
+3. commit: the target KV keeps the last token plus the accepted drafts of each row and rolls the
+   rest back (`TargetKV.keep`); the accepted drafts and the bonus/correction token are appended
+   to the row, cut at EOS or max_new_tokens; rows that finished leave the batch; the proposer
+   gets the features of the newly committed positions from the same verify forward.
+
+Rows accept different numbers of tokens: the target cache stays right-aligned (left padding, see
+`spec.kv`), every row has its own logical positions, and finished rows are dropped.
+
+Per round a `RoundRecord` keeps, per active row, the drafted, proposed (after truncation),
+accepted and committed counts and the cut reason, with the draft and verify wall times, so that
+τ (DESIGN §3.4), llama.cpp's mean length and per-position acceptance can be computed
+(`summarize`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from draftsmith.spec.kv import TargetKV
+from draftsmith.spec.proposers import DecodeState, Proposal, Proposer
+from draftsmith.spec.sampling import (
+    SamplingConfig,
+    probabilities,
+    sample,
+    verify_greedy,
+    verify_sampled,
+)
+from draftsmith.spec.truncate import KeepAll
+
+TruncationRule = Callable[[Proposal], torch.Tensor]  # proposal -> lengths [B]
+
+
+@dataclass
+class RoundRecord:
+    """One propose -> verify -> commit round; lists have one entry per row active in it."""
+
+    rows: list[int]  # original prompt index
+    drafted: list[int]  # tokens the proposer drafted
+    proposed: list[int]  # tokens verified (after truncation)
+    accepted: list[int]  # drafted tokens the target accepted
+    committed: list[int]  # tokens appended to the output (accepted + bonus, after cuts)
+    cut: list[str]  # "" | "eos" (the round reached EOS) | "length" (tokens dropped at the limit)
+    draft_s: float  # proposer time: propose + truncation + commit of the new features
+    verify_s: float  # target forward + acceptance + target cache rollback
+
+    def tau_counts(self) -> list[int]:
+        """Per row: accepted + 1 (bonus included); an EOS-terminated round counts only what it
+        accepted (an EOS that came as the bonus is not counted)."""
+        out = []
+        for a, c, cut in zip(self.accepted, self.committed, self.cut):
+            bonus_kept = c == a + 1
+            out.append(c - 1 if cut == "eos" and bonus_kept else c)
+        return out
+
+
+def summarize(rounds: list[RoundRecord]) -> dict:
+    """τ, llama.cpp's mean length, per-position survival / conditional acceptance, timings."""
+    acc = [a for r in rounds for a in r.accepted]
+    prop = [p for r in rounds for p in r.proposed]
+    taus = [t for r in rounds for t in r.tau_counts()]
+    nonempty = [a for a, p in zip(acc, prop) if p > 0]
+    K = max(prop, default=0)
+    survival, conditional = [], []
+    for k in range(1, K + 1):
+        verified = [a for a, p in zip(acc, prop) if p >= k]
+        reached = sum(a >= k - 1 for a in verified)
+        survival.append(sum(a >= k for a in verified) / len(verified))
+        conditional.append(sum(a >= k for a in verified) / reached if reached else float("nan"))
+    return {
+        "row_rounds": len(taus),
+        "tau": sum(taus) / len(taus) if taus else float("nan"),
+        "tau_llama_cpp": 1 + sum(nonempty) / len(nonempty) if nonempty else float("nan"),
+        "empty_rounds": len(prop) - len(nonempty),
+        "survival": survival,  # P[accepted >= k | k verified]
+        "conditional_acceptance": conditional,  # P[accepted >= k | accepted >= k-1, k verified]
+        "draft_s": sum(r.draft_s for r in rounds),
+        "verify_s": sum(r.verify_s for r in rounds),
+    }
+
+
+@dataclass
+class Generation:
+    """Result of `SpecEngine.generate`: per prompt, the generated ids (first = the prefill
+    token; EOS included when hit) and why it stopped ("eos" | "length")."""
+
+    outputs: list[list[int]]
+    finish: list[str]
+    rounds: list[RoundRecord] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    def summary(self) -> dict:
+        tokens = sum(len(o) for o in self.outputs)
+        seconds = self.prefill_s + self.decode_s
+        return {**summarize(self.rounds), "tokens": tokens, "seconds": seconds,
+                "tokens_per_s": tokens / seconds if seconds else float("nan"),
+                "hit_max_new_tokens": sum(f == "length" for f in self.finish) / len(self.finish)}
+
+
+class SpecEngine:
+    """Lossless speculative decoding of a `target.model.TargetModel` with a `Proposer`.
+
+    target: a TargetModel tapping exactly the proposer's `target_layer_ids` (none for
+    proposers without features). sampling: temperature 0 = greedy. truncate: a rule
+    proposal -> lengths [B] (`spec.truncate`). eos_token_ids: ids that end a row.
+    """
+
+    def __init__(self, target, proposer: Proposer, sampling: SamplingConfig | None = None,
+                 truncate: TruncationRule | None = None, eos_token_ids: Iterable[int] = (),
+                 pad_token_id: int = 0):
+        if proposer.uses_features and list(target.layer_ids) != list(proposer.target_layer_ids):
+            raise ValueError(f"the target taps layers {list(target.layer_ids)} but the "
+                             f"{proposer.name} draft reads {proposer.target_layer_ids}: build the "
+                             "TargetModel with the draft's target_layer_ids")
+        self.target, self.proposer = target, proposer
+        self.sampling = sampling or SamplingConfig()
+        self.truncate = truncate or KeepAll()
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.pad_token_id = pad_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.target.parameters()).device
+
+    def start(self, prompts: list[list[int]], max_new_tokens: int, seed: int = 0) -> DecodeRun:
+        """Prefill and return the run, to be advanced with `step()` until `done`."""
+        return DecodeRun(self, prompts, max_new_tokens, seed)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, seed: int = 0) -> Generation:
+        run = self.start(prompts, max_new_tokens, seed)
+        while not run.done:
+            run.step()
+        return run.result()
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class DecodeRun:
+    """The state of one `generate` call: committed tokens, target KV, records."""
+
+    def __init__(self, engine: SpecEngine, prompts: list[list[int]], max_new_tokens: int, seed: int):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.engine, self.max_new_tokens = engine, max_new_tokens
+        dev = engine.device
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        self.state = DecodeState([list(p) for p in prompts], [len(p) for p in prompts],
+                                 list(range(len(prompts))), engine.sampling, gen, dev)
+        self.outputs: list[list[int]] = [[] for _ in prompts]
+        self.finish = [""] * len(prompts)
+        self.rounds: list[RoundRecord] = []
+        t0 = _now(dev)
+        self._prefill(prompts)
+        self.prefill_s, self.decode_s = _now(dev) - t0, 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.state.batch_size == 0
+
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """The target's next token from logits [B, V]."""
+        if self.engine.sampling.greedy:
+            return logits.argmax(-1)
+        return sample(probabilities(logits, self.engine.sampling), self.state.generator)
+
+    @torch.no_grad()
+    def _prefill(self, prompts: list[list[int]]) -> None:
+        eng, dev = self.engine, self.state.device
+        ids, mask, pos, self.kv = TargetKV.left_pad(prompts, eng.pad_token_id, dev)
+        out = eng.target(ids, attention_mask=mask, position_ids=pos, cache=self.kv.cache, use_cache=True)
+        first = self._draw(eng.target.logits(out.hidden[:, -1])).tolist()  # [B, H] -> [B, V] -> [B]
+        for i, token in enumerate(first):
+            self._extend(i, [token])
+        counts = torch.tensor(self.state.prompt_lengths, device=dev)
+        feats = None
+        if eng.proposer.uses_features:
+            P = ids.shape[1]
+            src = (torch.arange(P, device=dev)[None, :] + self.kv.pad[:, None]).clamp(max=P - 1)  # [B, P]
+            # left-padded [B, P, L·H] -> right-padded (row r's prompt positions at 0..len-1)
+            feats = out.features.gather(1, src[..., None].expand(-1, -1, out.features.shape[-1]))
+        eng.proposer.prefill(self.state, feats, counts)
+        self._drop_finished()
+
+    def _extend(self, i: int, new: list[int]) -> tuple[int, str]:
+        """Append `new` to active row i, cut after an EOS or at max_new_tokens ->
+        (tokens appended, cut reason)."""
+        row = self.state.rows[i]
+        out = self.outputs[row]
+        room, cut = self.max_new_tokens - len(out), ""
+        for j, token in enumerate(new[:room]):
+            if token in self.engine.eos_token_ids:
+                new, cut = new[:j + 1], "eos"
+                break
+        else:
+            if len(new) > room:
+                new, cut = new[:room], "length"
+        out.extend(new)
+        self.state.seqs[i].extend(new)
+        if cut == "eos":
+            self.finish[row] = "eos"
+        elif len(out) >= self.max_new_tokens:
+            self.finish[row] = "length"
+        return len(new), cut
+
+    def _drop_finished(self) -> torch.Tensor | None:
+        """Remove finished rows everywhere -> indices of the rows kept (None if all stay)."""
+        keep = [i for i, row in enumerate(self.state.rows) if not self.finish[row]]
+        if len(keep) == self.state.batch_size:
+            return None
+        idx = torch.tensor(keep, dtype=torch.long, device=self.state.device)
+        self.kv.select(idx)
+        self.engine.proposer.select(idx)
+        self.state.select(keep)
+        return idx
+
+    def _verify(self, logits, tokens, probs, lengths):
+        if self.engine.sampling.greedy:
+            return verify_greedy(logits, tokens, lengths)
+        target_probs = probabilities(logits, self.engine.sampling)
+        return verify_sampled(target_probs, probs, tokens, lengths, self.state.generator)
+
+    @torch.no_grad()
+    def step(self) -> RoundRecord:
+        """One propose -> verify -> commit round over the active rows."""
+        eng, st, dev = self.engine, self.state, self.state.device
+        t0 = _now(dev)
+        prop = eng.proposer.propose(st)
+        lengths = torch.minimum(eng.truncate(prop), prop.lengths)  # [B]
+        K = int(lengths.max()) if lengths.numel() else 0
+        tokens = prop.tokens[:, :K]  # [B, K]
+        probs = prop.probs[:, :K] if prop.probs is not None else None  # [B, K, V]
+        t1 = _now(dev)
+        inputs = torch.cat([st.last_tokens()[:, None], tokens], dim=1)  # [B, 1 + K]
+        mask, pos = self.kv.inputs(K + 1)
+        out = eng.target(inputs, attention_mask=mask, position_ids=pos, cache=self.kv.cache, use_cache=True)
+        accepted, nxt = self._verify(eng.target.logits(out.hidden), tokens, probs, lengths)
+        self.kv.keep(K + 1, accepted + 1)
+        record = RoundRecord(list(st.rows), prop.lengths.tolist(), lengths.tolist(),
+                             accepted.tolist(), [], [], 0.0, 0.0)
+        for i, (a, t) in enumerate(zip(record.accepted, nxt.tolist())):
+            n, cut = self._extend(i, tokens[i, :a].tolist() + [t])
+            record.committed.append(n)
+            record.cut.append(cut)
+        t2 = _now(dev)
+        counts, feats = accepted + 1, out.features
+        idx = self._drop_finished()
+        if idx is not None:
+            accepted, counts = accepted[idx], counts[idx]
+            feats = feats[idx] if feats is not None else None
+        if st.batch_size:
+            eng.proposer.commit(st, accepted, feats, counts)
+        t3 = _now(dev)
+        record.draft_s, record.verify_s = (t1 - t0) + (t3 - t2), t2 - t1
+        self.rounds.append(record)
+        self.decode_s += t3 - t0
+        return record
+
+    def result(self) -> Generation:
+        return Generation(self.outputs, list(self.finish), self.rounds, self.prefill_s, self.decode_s)
