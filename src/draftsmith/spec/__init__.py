@@ -2,7 +2,14 @@
 transforms and acceptance rules (`sampling`), KV caches for ragged batches (`kv`), the proposers
 each algorithm plugs in (`proposers`) and truncation rules (`truncate`)."""
 
-from draftsmith.spec.engine import DecodeRun, Generation, RoundRecord, SpecEngine, summarize
+from draftsmith.spec.engine import (
+    DecodeRun,
+    Generation,
+    RoundRecord,
+    SpecEngine,
+    oracle_for,
+    summarize,
+)
 from draftsmith.spec.proposers import (
     DecodeState,
     DSparkProposer,
@@ -15,11 +22,11 @@ from draftsmith.spec.proposers import (
     proposer_for,
 )
 from draftsmith.spec.sampling import SamplingConfig
-from draftsmith.spec.truncate import FixedLength, KeepAll, PMinRule, SurvivalRule
+from draftsmith.spec.truncate import FixedLength, KeepAll, PMinRule, PrefixScheduler, SurvivalRule
 
 __all__ = [
     "DecodeRun", "DecodeState", "DSparkProposer", "Eagle3Proposer", "FixedLength", "Generation",
-    "KeepAll", "NGramProposer", "OracleProposer", "PMinRule", "PlainProposer", "Proposal",
-    "Proposer", "RoundRecord", "SamplingConfig", "SpecEngine", "SurvivalRule", "proposer_for",
-    "summarize",
+    "KeepAll", "NGramProposer", "OracleProposer", "PMinRule", "PlainProposer", "PrefixScheduler",
+    "Proposal", "Proposer", "RoundRecord", "SamplingConfig", "SpecEngine", "SurvivalRule",
+    "oracle_for", "proposer_for", "summarize",
 ]

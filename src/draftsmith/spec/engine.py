@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from draftsmith.spec.kv import TargetKV
-from draftsmith.spec.proposers import DecodeState, Proposal, Proposer
+from draftsmith.spec.proposers import DecodeState, OracleProposer, PlainProposer, Proposal, Proposer
 from draftsmith.spec.sampling import (
     SamplingConfig,
     probabilities,
@@ -57,7 +57,7 @@ class RoundRecord:
     committed: list[int]  # tokens appended to the output (accepted + bonus, after cuts)
     cut: list[str]  # "" | "eos" (the round reached EOS) | "length" (tokens dropped at the limit)
     draft_s: float  # proposer time: propose + truncation + commit of the new features
-    verify_s: float  # target forward + acceptance + target cache rollback
+    verify_s: float  # target forward + acceptance + cache rollback + dropping finished rows
 
     def tau_counts(self) -> list[int]:
         """Per row: accepted + 1 (bonus included); an EOS-terminated round counts only what it
@@ -263,12 +263,12 @@ class DecodeRun:
             n, cut = self._extend(i, tokens[i, :a].tolist() + [t])
             record.committed.append(n)
             record.cut.append(cut)
-        t2 = _now(dev)
         counts, feats = accepted + 1, out.features
         idx = self._drop_finished()
         if idx is not None:
             accepted, counts = accepted[idx], counts[idx]
             feats = feats[idx] if feats is not None else None
+        t2 = _now(dev)
         if st.batch_size:
             eng.proposer.commit(st, accepted, feats, counts)
         t3 = _now(dev)
@@ -279,3 +279,11 @@ class DecodeRun:
 
     def result(self) -> Generation:
         return Generation(self.outputs, list(self.finish), self.rounds, self.prefill_s, self.decode_s)
+
+
+def oracle_for(target, prompts: list[list[int]], max_new_tokens: int, num_tokens: int = 7,
+               eos_token_ids: Iterable[int] = ()) -> OracleProposer:
+    """An `OracleProposer` holding the target's own greedy continuations, computed here with
+    plain decoding through the same loop."""
+    plain = SpecEngine(target, PlainProposer(), eos_token_ids=eos_token_ids)
+    return OracleProposer(plain.generate(prompts, max_new_tokens).outputs, num_tokens)

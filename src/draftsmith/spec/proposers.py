@@ -197,10 +197,14 @@ class DSparkProposer(Proposer):
 
     name = "dspark"
 
-    def __init__(self, model: DSparkModel):
+    def __init__(self, model: DSparkModel, slot_semantics: str | None = None):
+        """slot_semantics: "deepspec" | "zlab"; default: the config's (DeepSpec for DSpark)."""
         self.model = model.eval()
         self.target_layer_ids = list(model.config.target_layer_ids)
-        self.first_slot = 1 if getattr(model.config, "slot_semantics", "deepspec") == "zlab" else 0
+        slots = slot_semantics or getattr(model.config, "slot_semantics", "deepspec")
+        if slots not in ("deepspec", "zlab"):
+            raise ValueError(f"slot_semantics {slots!r}: expected 'deepspec' or 'zlab'")
+        self.first_slot = 1 if slots == "zlab" else 0
         self.cache: RaggedKVCache | None = None
 
     def prefill(self, state, features, counts):

@@ -12,10 +12,19 @@ gets one target token from the verify forward.
   σ(c_k) < p_min.
 - `SurvivalRule(threshold)`: stop at the first slot whose cumulative survival Π_{i<=k} σ(c_i)
   falls below the threshold.
+- `PrefixScheduler(steps_per_second)`: the paper's hardware-aware scheduler (Algorithm 1) over
+  the whole batch: admit (row, slot) pairs by descending survival while the expected throughput
+  τ*·SPS(B) improves, and stop at the first admission that does not (the early stop keeps it
+  non-anticipating: ties are broken by slot, so a slot is never ranked behind a later slot of its
+  own row).
+
+The survival rules and the scheduler take optional per-position temperatures (Sequential
+Temperature Scaling, DESIGN §3.5): σ(c_k / T_k). p-min uses raw σ(c_k), as llama.cpp does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +37,19 @@ def leading_true(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.long).cumprod(dim=1).sum(dim=1)
 
 
-def _confidence(proposal: Proposal, rule: str) -> torch.Tensor:
+def _confidence(proposal: Proposal, rule: str, temperatures=None) -> torch.Tensor:
+    """σ(c_k / T_k) [B, K] in float64."""
     if proposal.confidence is None:
         raise ValueError(f"{rule} needs a draft with a confidence head (DSpark with "
                          "enable_confidence_head); this proposal has no confidence")
-    return torch.sigmoid(proposal.confidence.to(torch.float64))  # [B, K]
+    logits = proposal.confidence.to(torch.float64)
+    if temperatures is not None:
+        K = logits.shape[1]
+        temps = torch.as_tensor(list(temperatures)[:K], dtype=torch.float64, device=logits.device)
+        if temps.numel() < K:
+            raise ValueError(f"{len(temperatures)} temperatures for {K} draft positions")
+        logits = logits / temps
+    return torch.sigmoid(logits)  # [B, K]
 
 
 class KeepAll:
@@ -60,7 +77,35 @@ class PMinRule:
 @dataclass
 class SurvivalRule:
     threshold: float
+    temperatures: list[float] | None = None
 
     def __call__(self, proposal: Proposal) -> torch.Tensor:
-        survival = _confidence(proposal, "survival truncation").cumprod(dim=1)  # [B, K]
+        conf = _confidence(proposal, "survival truncation", self.temperatures)
+        survival = conf.cumprod(dim=1)  # [B, K]
         return torch.minimum(leading_true(survival >= self.threshold), proposal.lengths)
+
+
+@dataclass
+class PrefixScheduler:
+    """Algorithm 1 of the DSpark paper. steps_per_second(B): the engine's profiled verify rate
+    for a forward of B tokens."""
+
+    steps_per_second: Callable[[int], float]
+    temperatures: list[float] | None = None
+
+    def __call__(self, proposal: Proposal) -> torch.Tensor:
+        conf = _confidence(proposal, "the prefix scheduler", self.temperatures)
+        survival = conf.cumprod(dim=1).tolist()  # [B, K]
+        R = len(survival)
+        candidates = sorted((-a, j, r) for r, row in enumerate(survival)
+                            for j, a in enumerate(row[:int(proposal.lengths[r])]) if a > 0)
+        lengths = [0] * R
+        tokens, expected = R, float(R)
+        best = expected * self.steps_per_second(tokens)
+        for neg_a, j, r in candidates:
+            tokens, expected = tokens + 1, expected - neg_a
+            theta = expected * self.steps_per_second(tokens)
+            if theta <= best:
+                break
+            best, lengths[r] = theta, j + 1
+        return torch.tensor(lengths, dtype=torch.long, device=proposal.lengths.device)
