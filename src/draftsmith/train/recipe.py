@@ -67,10 +67,19 @@ class TrainConfig(StrictConfig):
     time_budget_min: float | None = Field(None, gt=0)  # stop (and checkpoint) after this long
 
 
+class InitConfig(StrictConfig):
+    # Scale of the draft's final RMSNorm at init. The LM head is a frozen copy of the target's;
+    # with tied embeddings (SmolLM2) a unit-RMS hidden that still carries its input token's
+    # embedding gives that token a logit near 80 and a saturated softmax that starves the L1
+    # term of gradient. A small scale starts the draft unsaturated; the norm is trained.
+    final_norm: float = Field(1.0, gt=0)
+
+
 class Recipe(StrictConfig):
     drafter: Literal["dspark", "dflash", "eagle3"]
     target: str = "smollm2-135m"
     model: dict[str, Any] = {}  # the drafter config's own fields
+    init: InitConfig = InitConfig()
     data: DataConfig = DataConfig()
     features: FeaturesConfig = FeaturesConfig()
     optim: OptimConfig = OptimConfig()

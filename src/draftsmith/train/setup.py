@@ -5,6 +5,8 @@ Kept apart from `loop.py` so the loop reads top to bottom.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -45,7 +47,11 @@ def build_model(recipe: Recipe, hf_target: nn.Module, data: TrainData, init_from
         covered = counts[kept].sum().item() / max(counts.sum().item(), 1)
         data.lines.append(f"draft vocabulary: {cfg.draft_vocab_size} of {cfg.vocab_size} tokens cover "
                           f"{covered:.2%} of the training labels")
-    return model.init_from_target(hf_target, kept)
+    model = model.init_from_target(hf_target, kept)
+    if recipe.init.final_norm != 1.0:
+        with torch.no_grad():
+            model.norm.weight.mul_(recipe.init.final_norm)
+    return model
 
 
 class FeatureSource:
@@ -71,6 +77,18 @@ def _cache_dir(recipe: Recipe, target: TargetModel, samples: list[RenderedSample
     return cache_root() / "features" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """An exclusive lock next to the cache dir, held while it is checked and built."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: DistInfo,
                    tokenizer, cache_dir: str | None, progress: bool) -> FeatureSource:
     """Online features, or a cache that rank 0 builds (or resumes, or reuses) first."""
@@ -81,11 +99,12 @@ def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: D
     samples = data.train + data.heldout
     path = Path(cache_dir) if cache_dir else _cache_dir(recipe, target, samples)
     if info.is_main:
-        manifest = path / "manifest.json"
-        if not (manifest.is_file() and json.loads(manifest.read_text()).get("complete")):
-            log.info("building the feature cache in %s", path)
-            build_cache(target, samples, path, dtype=recipe.features.dtype, policy=policy,
-                        max_length=recipe.data.max_length, tokenizer=tokenizer, progress=progress)
+        with _build_lock(path):  # two runs sharing one cache (dspark + dflash) build it once
+            manifest = path / "manifest.json"
+            if not (manifest.is_file() and json.loads(manifest.read_text()).get("complete")):
+                log.info("building the feature cache in %s", path)
+                build_cache(target, samples, path, dtype=recipe.features.dtype, policy=policy,
+                            max_length=recipe.data.max_length, tokenizer=tokenizer, progress=progress)
     barrier()
     cache = FeatureCache.open(path, expect_target=target, expect_layer_ids=target.layer_ids)
     missing = [s.id for s in samples if s.id not in set(cache.record_ids)]
