@@ -8,7 +8,6 @@ that feeds the LM head. Only the chosen layers are kept (forward hooks), never a
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +165,3 @@ def describe(source: TargetSource, model: nn.Module) -> dict:
             "num_hidden_layers": num_layers(model), "hidden_size": cfg.get_text_config().hidden_size,
             "vocab_size": cfg.get_text_config().vocab_size}
 
-
-def dumps(obj: dict) -> str:
-    return json.dumps(obj, indent=2)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from draftsmith.config import StrictConfig, load_config, load_yaml
+from draftsmith.config import StrictConfig, load_config
 from draftsmith.models.io import DRAFTERS
 from draftsmith.utils.io import InputError
 
@@ -122,6 +122,3 @@ def load_recipe(name: str, overrides: list[str] = ()) -> Recipe:
                          f"{recipe.drafter}; valid keys: {', '.join(sorted(fields))}")
     return recipe
 
-
-def recipe_dict(name: str) -> dict:
-    return load_yaml(recipe_path(name))
