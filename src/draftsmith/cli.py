@@ -96,6 +96,18 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=loop.run)
 
 
+def _eval_parser(sub) -> None:
+    from draftsmith.eval import commands
+
+    p = sub.add_parser("eval", help="lossless speculative decoding benchmarks: tau, acceptance, "
+                                    "tokens/s against plain decoding, report with plots",
+                       description="Runs plain decoding of the target (the speedup's denominator), "
+                                   "each --draft and each baseline on the same prompts in one "
+                                   "process; writes OUT/metrics.json and OUT/report.md.")
+    commands.add_args(p)
+    p.set_defaults(func=commands.run)
+
+
 def _quickstart_parser(sub) -> None:
     from draftsmith import quickstart
 
@@ -118,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_parser(sub)
     _cache_parser(sub)
     _train_parser(sub)
+    _eval_parser(sub)
     _quickstart_parser(sub)
     return parser
 
