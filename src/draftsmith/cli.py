@@ -108,6 +108,16 @@ def _eval_parser(sub) -> None:
     p.set_defaults(func=commands.run)
 
 
+def _export_parser(sub) -> None:
+    from draftsmith.export import commands
+
+    p = sub.add_parser("export", help="export a draft for DeepSpec, SGLang, vLLM/speculators or "
+                                      "llama.cpp (GGUF), with a manifest",
+                       description=commands.__doc__)
+    commands.add_args(p)
+    p.set_defaults(func=commands.run)
+
+
 def _quickstart_parser(sub) -> None:
     from draftsmith import quickstart
 
@@ -131,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
+    _export_parser(sub)
     _quickstart_parser(sub)
     return parser
 

@@ -1,0 +1,203 @@
+"""GGUF through llama.cpp's own converter, checked after conversion (DESIGN §2, §3.1, §4).
+
+The converter comes from the same pinned source as `llama-server` (`engines.llama_cpp`). It is fed
+the dialect it reads correctly: DeepSpec's layout for DSpark / DFlash (the pruned llama.cpp
+extension included), z-lab's for a z-lab DFlash, and the vLLM dialect for EAGLE-3 (from SGLang's
+nested key it would silently fall back to its default layers). Before converting, drafts llama.cpp
+cannot serve are refused with the reason; after converting, the GGUF's metadata and tensor names
+are read back and checked against the manifest.
+
+llama.cpp surprise handled here: a full-vocabulary DSpark/DFlash GGUF that carries the draft's
+own `token_embd` but no `output` (the converter drops a full-vocabulary `lm_head`) makes
+llama.cpp reuse `token_embd` as the LM head — a tied head, wrong for targets with untied
+embeddings. The draft's embedding is a frozen copy of the target's, so the staged checkpoint
+leaves it out and llama.cpp takes both the embedding and the head from the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from torch import nn
+
+from draftsmith.engines import llama_cpp
+from draftsmith.export.deepspec import deepspec_files, is_zlab
+from draftsmith.export.eagle3 import eagle3_files
+from draftsmith.export.manifest import TargetInfo, target_hf_dir, write_engine_dir
+from draftsmith.utils.io import InputError
+from draftsmith.utils.paths import cache_root
+
+GGUF_FILE = "draft.gguf"
+OUTTYPES = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}
+
+
+# --------------------------------------------------------------------------- what llama.cpp serves
+
+
+def servable_problems(cfg) -> list[str]:
+    """Why llama.cpp cannot serve this draft (empty: it can)."""
+    if cfg.drafter == "eagle3":
+        return []
+    problems = []
+    if cfg.markov_rank > 0 and cfg.markov_head_type != "vanilla":
+        problems.append(f"markov_head_type {cfg.markov_head_type!r}: llama.cpp converts only the "
+                        "vanilla Markov head (bias = W2·W1[prev]); the gated and rnn heads run only "
+                        "in draftsmith's engine")
+    if cfg.enable_confidence_head and not (cfg.confidence_head_with_markov and cfg.markov_rank > 0):
+        problems.append("a confidence head without Markov features: llama.cpp's head reads "
+                        "[h; W1[prev]] (H + r inputs); this one converts but llama-server fails to "
+                        "load it")
+    if cfg.family == "gemma":
+        if not cfg.attention_k_eq_v:
+            problems.append("a Gemma draft without attention_k_eq_v: llama.cpp's Gemma DSpark "
+                            "converter requires K = V")
+        if cfg.pruned:
+            problems.append(f"a Gemma draft with a pruned head ({cfg.draft_vocab} of "
+                            f"{cfg.vocab_size} ids): llama.cpp requires Gemma's full vocabulary")
+        if cfg.final_logit_softcapping:
+            problems.append(f"final_logit_softcapping {cfg.final_logit_softcapping}: llama.cpp's "
+                            "Gemma DSpark does not apply a softcap, so its logits would differ")
+        if cfg.hidden_act != "gelu_pytorch_tanh":
+            problems.append(f"hidden_act {cfg.hidden_act!r}: llama.cpp's Gemma DSpark requires "
+                            "gelu_pytorch_tanh")
+    return problems
+
+
+def check_servable(cfg) -> None:
+    problems = servable_problems(cfg)
+    if problems:
+        raise InputError("llama.cpp cannot serve this draft, so no GGUF is written:\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+
+
+# --------------------------------------------------------------------------- staging + conversion
+
+
+def stage_for_converter(model: nn.Module, dtype_name: str, verifier: dict, staging: Path) -> None:
+    """Write the checkpoint in the dialect the converter reads correctly."""
+    cfg = model.config
+    if cfg.drafter == "eagle3":
+        config, tensors, _ = eagle3_files(model, "vllm", dtype_name, verifier)
+    else:
+        config, tensors, _ = deepspec_files(model, dtype_name)
+        if not cfg.pruned and cfg.family != "gemma" and not is_zlab(cfg):
+            tensors.pop("embed_tokens.weight")  # see the module docstring
+    write_engine_dir(staging, config, tensors)
+
+
+def expected_metadata(cfg) -> dict:
+    """GGUF key/values the converter must have written for this draft (DESIGN §4)."""
+    shifted = [i + 1 for i in cfg.target_layer_ids]
+    if cfg.drafter == "eagle3":
+        return {"general.architecture": "eagle3", "eagle3.target_layers": shifted,
+                "eagle3.target_hidden_size": cfg.hidden_size,
+                "eagle3.norm_before_residual": cfg.norm_before_residual}
+    expected = {"general.architecture": "dflash", "dflash.target_layers": shifted,
+                "dflash.block_size": cfg.block_size,
+                "tokenizer.ggml.mask_token_id": cfg.mask_token_id}
+    if not is_zlab(cfg):
+        expected["dflash.sample_from_anchor"] = True
+        expected["dflash.has_confidence_head"] = bool(cfg.enable_confidence_head)
+    return expected
+
+
+def expected_tensors(cfg) -> tuple[set[str], set[str]]:
+    """(GGUF tensor names that must be present, names that must be absent)."""
+    present, absent = {"fc.weight"}, set()
+    if cfg.drafter == "eagle3":
+        return present | {"output.weight", "d2t"}, absent
+    if cfg.pruned:
+        present |= {"output.weight", "d2t"}
+    elif cfg.family != "gemma":
+        absent |= {"output.weight", "token_embd.weight"}  # both shared from the target
+    if cfg.markov_rank > 0:
+        present |= {"markov_w1.weight", "markov_w2.weight"}
+    (present if cfg.enable_confidence_head else absent).add("conf_proj.weight")
+    return present, absent
+
+
+_TENSOR_NAMES = r"""
+import json, sys
+from gguf import GGUFReader
+print(json.dumps([t.name for t in GGUFReader(sys.argv[1], "r").tensors]))
+"""
+
+
+def gguf_tensor_names(path: Path) -> list[str]:
+    """Tensor names of a GGUF file, read with the pinned source's gguf-py."""
+    proc = subprocess.run([sys.executable, "-c", _TENSOR_NAMES, str(path)],
+                          env=llama_cpp.converter_env(), capture_output=True, text=True,
+                          errors="replace")
+    if proc.returncode != 0:
+        raise llama_cpp.LlamaCppError(f"could not read the tensors of {path}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def check_gguf(path: Path, cfg, manifest: dict) -> dict:
+    """Read the GGUF back; raise LlamaCppError on any metadata or tensor mismatch with the
+    manifest. Returns the checked metadata (recorded in the manifest)."""
+    meta = llama_cpp.read_gguf_metadata(path)
+    expected = expected_metadata(cfg)
+    wrong = [f"{k}: GGUF has {meta.get(k, '<missing>')!r}, manifest expects {v!r}"
+             for k, v in expected.items() if meta.get(k) != v]
+    if manifest["layer_ids"]["draftsmith"] != list(cfg.target_layer_ids):
+        wrong.append(f"manifest layer ids {manifest['layer_ids']['draftsmith']} are not the "
+                     f"draft's {list(cfg.target_layer_ids)}")
+    names = set(gguf_tensor_names(path))
+    present, absent = expected_tensors(cfg)
+    wrong += [f"tensor {n} missing" for n in sorted(present - names)]
+    wrong += [f"tensor {n} present (expected absent)" for n in sorted(absent & names)]
+    if wrong:
+        raise llama_cpp.LlamaCppError(f"{path}: the converted GGUF does not match the manifest:\n"
+                                      + "\n".join(f"  - {w}" for w in wrong))
+    return {k: meta[k] for k in expected}
+
+
+def convert(model: nn.Module, out_file: Path, dtype: str, target_hf: Path, verifier: dict) -> None:
+    """Stage the draft (its tensors in the export dtype) and run llama.cpp's converter with the
+    matching outtype (bf16 | fp16 -> f16 | fp32 -> f32)."""
+    check_servable(model.config)
+    dtype_name = str(model.fc.weight.dtype).removeprefix("torch.")
+    with tempfile.TemporaryDirectory(prefix="draftsmith-gguf-") as tmp:
+        staging = Path(tmp) / "draft"
+        stage_for_converter(model, dtype_name, verifier, staging)
+        llama_cpp.convert_hf_to_gguf(staging, out_file, outtype=OUTTYPES[dtype],
+                                     target_model_dir=target_hf)
+
+
+# --------------------------------------------------------------------------- serving once
+
+
+def target_gguf(info: TargetInfo) -> Path:
+    """The target as a GGUF for llama-server: the file itself for a GGUF target, else its HF
+    dir converted once to f16 into the cache (keyed by the target's revision)."""
+    if info.source.kind == "gguf":
+        return info.source.gguf_path
+    content_id = info.revision.startswith(("fingerprint:", "hub-commit:"))
+    ident = info.revision if content_id else f"{info.name}\0{info.revision}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    out = cache_root() / "target-gguf" / f"{Path(info.name).name}-{key}-f16.gguf"
+    if not out.is_file():
+        llama_cpp.convert_hf_to_gguf(target_hf_dir(info), out, outtype="f16")
+    return out
+
+
+def serve_once(draft_gguf: str | Path, target_gguf: str | Path, manifest: dict,
+               prompt: str = "Hello", max_tokens: int = 8, ctx_size: int = 512) -> dict:
+    """Start llama-server with the target and this draft, the way the manifest says
+    (`serve.llama_server_args`), answer one completion, stop. Returns {"reply", "log"}; raises
+    LlamaCppError when the server does not load the pair."""
+    args = ["-md", str(draft_gguf), *manifest["serve"]["llama_server_args"]]
+    with llama_cpp.LlamaServer(target_gguf, ctx_size=ctx_size, seed=0, extra_args=args) as server:
+        body = json.dumps({"prompt": prompt, "temperature": 0, "max_tokens": max_tokens}).encode()
+        req = urllib.request.Request(server.base_url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            reply = json.loads(r.read())
+    return {"reply": reply, "log": server.log_text()}
