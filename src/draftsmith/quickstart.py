@@ -98,7 +98,7 @@ def run(args) -> int:
     n_train = sum(1 for _ in open(train, encoding="utf-8"))
     n_held = sum(1 for _ in open(held, encoding="utf-8"))
     _stage(report, "prompts", t0, [f"ShareGPT: {n_train} train + {n_held} held-out records "
-                                   f"(rejections with reasons in {train}.rejected.jsonl)"])
+                                   f"(rejections with reasons in {train.with_suffix('')}.rejected.jsonl)"])
 
     t0 = time.time()
     slice_in, slice_out = out / "data" / "slice.jsonl", out / "data" / "slice-regen.jsonl"
