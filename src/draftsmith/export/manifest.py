@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from draftsmith import __version__
 from draftsmith.models.layers import geometry_from_target
 from draftsmith.target.resolve import TargetSource, resolve_target
+from draftsmith.models.io import read_config_json
 from draftsmith.utils.io import InputError, atomic_write_json
 
 MANIFEST_FILE = "draftsmith_manifest.json"
@@ -108,16 +109,7 @@ def check_tensor_names(names: Sequence[str], required: Sequence[str], optional: 
 
 def read_config(path: Path) -> dict:
     """config.json of a draft / export dir, InputError naming the file when unreadable."""
-    file = Path(path) / "config.json"
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{file}: not found (is {path} a draft dir?)") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{file}: expected a JSON object")
-    return data
+    return read_config_json(path)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -222,8 +222,8 @@ def save_draft(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype 
     return out
 
 
-def read_draft_config(path: str | os.PathLike):
-    """The typed config of the draft dir at `path` (InputError naming the file when invalid)."""
+def read_config_json(path: str | os.PathLike) -> dict:
+    """The raw config.json of a draft (or export) dir, InputError naming the file when unreadable."""
     file = Path(path) / CONFIG_FILE
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -233,7 +233,12 @@ def read_draft_config(path: str | os.PathLike):
         raise InputError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(data, dict):
         raise InputError(f"{file}: expected a JSON object")
-    return config_from_json(data, where=str(file))
+    return data
+
+
+def read_draft_config(path: str | os.PathLike):
+    """The typed config of the draft dir at `path` (InputError naming the file when invalid)."""
+    return config_from_json(read_config_json(path), where=str(Path(path) / CONFIG_FILE))
 
 
 def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
