@@ -52,10 +52,10 @@ def _first_lines(src: Path, dst: Path, n: int) -> None:
 
 
 def _render_stats(tokenizer, path: Path) -> str:
+    from draftsmith.data.conversations import read_conversations
     from draftsmith.data.templates import render_records
-    from draftsmith.utils.io import iter_jsonl
 
-    records = [obj for _, obj in iter_jsonl(path, [])]
+    records = read_conversations(str(path)).records
     _, stats = render_records(tokenizer, records, max_length=2048, total=len(records))
     return f"{path.name}: {stats.line()}"
 

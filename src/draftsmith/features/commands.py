@@ -15,6 +15,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from draftsmith.data.conversations import read_conversations
 from draftsmith.data.templates import RenderedSample, render_records
 from draftsmith.features.cache import build_cache, file_sha256
 from draftsmith.features.estimate import (
@@ -23,7 +24,7 @@ from draftsmith.features.estimate import (
 from draftsmith.features.online import TORCH_DTYPES, FeaturePolicy
 from draftsmith.target.model import check_layer_ids, load_target, load_tokenizer, materialized_dir
 from draftsmith.target.resolve import resolve_target
-from draftsmith.utils.io import InputError, JsonlProblem, iter_jsonl
+from draftsmith.utils.io import InputError
 
 MAX_SHOWN_PROBLEMS = 10
 
@@ -95,45 +96,13 @@ class LoadedData:
                 "truncated": self.truncated, "length_capped": self.length_capped}
 
 
-def _record_problem(record: dict) -> str | None:
-    """Why a conversations record cannot be rendered (None when it can)."""
-    if not isinstance(record.get("id"), (str, int)):
-        return "field 'id' missing or not a string"
-    convs = record.get("conversations")
-    if not isinstance(convs, list) or not convs:
-        return "field 'conversations' missing, empty or not a list"
-    for k, m in enumerate(convs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return f"conversations[{k}]: expected an object with string 'role' and 'content'"
-    return None
-
-
-def _read_records(path: str, limit: int | None, data: LoadedData) -> list[dict]:
-    """Well-formed records of the JSONL file; bad lines and records reported with file:line."""
-    problems: list[JsonlProblem] = []
-    records = []
-    try:
-        for lineno, record in iter_jsonl(path, problems):
-            if limit is not None and len(records) >= limit:
-                break
-            reason = _record_problem(record)
-            if reason:
-                data.records_rejected += 1
-                data.problems.append(f"{path}:{lineno}: {reason}")
-                continue
-            records.append(record)
-    except FileNotFoundError:
-        raise InputError(f"{path}: data file not found") from None
-    data.lines_bad = len(problems)
-    data.problems = [str(p) for p in problems] + data.problems
-    return records
-
-
 def load_samples(path: str, tokenizer, max_length: int | None, limit: int | None = None,
                  progress: bool = True) -> LoadedData:
     """Read and render a conversations JSONL; refuse a file with no trainable token."""
-    data = LoadedData(str(path), [])
-    records = _read_records(str(path), limit, data)
+    file = read_conversations(str(path), limit)
+    records = file.records
+    data = LoadedData(str(path), [], lines_bad=file.lines_bad, records_rejected=file.records_rejected,
+                      problems=list(file.problems))
     samples, stats = render_records(tokenizer, records, max_length, total=len(records), progress=progress)
     data.render_failed = len(stats.problems)
     data.problems += stats.problems

@@ -23,7 +23,6 @@ features of committed tokens once into per-layer context K/V, `propose` drafts o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
@@ -40,13 +39,11 @@ from draftsmith.models.layers import (
     LayerSpec,
     RMSNorm,
     RotaryEmbedding,
+    Sampler,
     check_layer_ids,
     init_weights,
 )
 from draftsmith.models.vocab import DraftVocabMixin
-
-Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V_draft] -> draft ids [B]
-
 
 def default_dspark_layers(num_target_layers: int) -> list[int]:
     """5 target layers evenly spaced from 1 to L-3 (DeepSpec's Qwen3 choice: L=36 ->

@@ -17,7 +17,6 @@ cache, `propose` drafts a chain of k tokens and rolls the cache back to the comm
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -32,13 +31,11 @@ from draftsmith.models.layers import (
     LayerSpec,
     RMSNorm,
     RotaryEmbedding,
+    Sampler,
     check_layer_ids,
     init_weights,
 )
 from draftsmith.models.vocab import DraftVocabMixin
-
-Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V_draft] -> draft ids [B]
-
 
 def default_eagle3_layers(num_target_layers: int) -> list[int]:
     """[1, L//2 - 1, L - 4]: the engines' default inputs [2, L//2, L - 3] in draftsmith's

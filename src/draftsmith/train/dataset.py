@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from draftsmith.data.conversations import read_conversations
 from draftsmith.data.sources import is_heldout
 from draftsmith.data.templates import RenderedSample, RenderStats, render_records
 from draftsmith.train.recipe import DataConfig
-from draftsmith.utils.io import InputError, JsonlProblem, iter_jsonl
+from draftsmith.utils.io import InputError
 
 log = logging.getLogger(__name__)
 
@@ -23,22 +24,9 @@ class TrainData:
     lines: list[str] = field(default_factory=list)  # what happened, for the log and the report
 
 
-def read_conversations(path: str, limit: int | None = None) -> tuple[list[dict], list[str]]:
-    """Records with a usable `conversations` list; every unusable line is reported (file:line)."""
-    problems: list[JsonlProblem] = []
-    records, notes = [], []
-    for lineno, obj in iter_jsonl(path, problems):
-        conv = obj.get("conversations")
-        if not isinstance(conv, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                 and m.get("role") for m in conv):
-            notes.append(f"{path}:{lineno}: field 'conversations' must be a list of {{role, content}}")
-            continue
-        obj.setdefault("id", f"{path}:{lineno}")
-        records.append(obj)
-        if limit and len(records) >= limit:
-            break
-    notes += [str(p) for p in problems]
-    return records, notes
+def _read(path: str, limit: int | None = None) -> tuple[list[dict], list[str]]:
+    file = read_conversations(path, limit)
+    return file.records, file.problems
 
 
 def _render(tokenizer, records: list[dict], cfg: DataConfig, what: str) -> tuple[list[RenderedSample], RenderStats]:
@@ -52,9 +40,9 @@ def _render(tokenizer, records: list[dict], cfg: DataConfig, what: str) -> tuple
 
 def prepare_data(data_path: str, tokenizer, cfg: DataConfig) -> TrainData:
     """Render the training file; split off held-out records by id hash (or read `cfg.heldout`)."""
-    records, notes = read_conversations(data_path, cfg.limit)
+    records, notes = _read(data_path, cfg.limit)
     if cfg.heldout:
-        held_records, held_notes = read_conversations(cfg.heldout)
+        held_records, held_notes = _read(cfg.heldout)
         notes += held_notes
     else:
         held_records = [r for r in records if is_heldout(str(r["id"]), cfg.heldout_fraction)]

@@ -19,6 +19,8 @@ The sample order is a permutation keyed by (seed, epoch); anchors by (seed, epoc
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
 import math
 import time
@@ -31,9 +33,10 @@ from draftsmith.train import checkpoint as ckpt
 from draftsmith.train.dataset import epoch_order
 from draftsmith.train.metrics import MetricsLog
 from draftsmith.train.objectives import (
-    LossParts, ObjectiveConfig, TauSimMeter, TrainBatch, build_objective, reduce_denominators,
+    TERM_DENOMINATOR, LossParts, ObjectiveConfig, TauSimMeter, TrainBatch, build_objective,
+    reduce_denominators,
 )
-from draftsmith.train.anchors import batch_anchors
+from draftsmith.train.anchors import pad_anchors, sample_anchors
 from draftsmith.train.parallel import (
     DistInfo, all_reduce_sum, barrier, full_model_state, grad_norm_and_clip, init_distributed, shard_layers,
     shutdown,
@@ -68,8 +71,13 @@ def step_samples(step: int, n: int, global_batch: int, seed: int) -> list[tuple[
     out = []
     for q in range(step * global_batch, (step + 1) * global_batch):
         epoch = q // n
-        out.append((epoch_order(n, seed, epoch)[q % n], epoch))
+        out.append((_epoch_order(n, seed, epoch)[q % n], epoch))
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(epoch_order(n, seed, epoch))  # one permutation per epoch, not one per sequence
 
 
 def collate(feats, epochs: list[int], recipe: Recipe, drafter: str, device, num_anchors: int = 512) -> TrainBatch:
@@ -84,13 +92,10 @@ def collate(feats, epochs: list[int], recipe: Recipe, drafter: str, device, num_
         n = len(f)
         ids[b, :n], mask[b, :n], x[b, :n], h[b, :n] = f.input_ids, f.loss_mask, f.features, f.hidden
     batch = TrainBatch(ids.to(device), mask.to(device), x.to(device), h.to(device))
-    if drafter != "eagle3":
-        pos, valid = zip(*[batch_anchors(f.loss_mask[None], [f.id], num_anchors, recipe.train.seed, e) for f, e in zip(feats, epochs)])
-        N = max(p.shape[1] for p in pos)
-        batch.anchor_pos = torch.zeros(B, N, dtype=torch.int64, device=device)
-        batch.anchor_valid = torch.zeros(B, N, dtype=torch.bool, device=device)
-        for b, (p, v) in enumerate(zip(pos, valid)):
-            batch.anchor_pos[b, : p.shape[1]], batch.anchor_valid[b, : v.shape[1]] = p[0], v[0]
+    if drafter != "eagle3":  # anchors keyed by (seed, epoch, sample id): a batch may span epochs
+        draws = [sample_anchors(f.loss_mask, num_anchors, recipe.train.seed, e, f.id)
+                 for f, e in zip(feats, epochs)]
+        batch.anchor_pos, batch.anchor_valid = pad_anchors(draws, device=device)
     return batch
 
 
@@ -140,18 +145,27 @@ def train_step(step: int, s: Setup, recipe: Recipe, objective, params, info: Dis
         batches.append(collate(feats, [e for _, e in chunk], recipe, recipe.drafter, info.device,
                                _num_anchors(s)))
     den = reduce_denominators([objective.denominators(b) for b in batches], all_reduce_sum)
-    sums, tau = {}, TauSimMeter(objective.block_size, info.device)
-    tokens = torch.zeros((), device=info.device)
+    sums, tau, tokens = _accumulate(objective, batches, den, backward=True,
+                                    autocast=lambda: _autocast(recipe, info))
+    all_reduce_grads(params)
+    return _step_metrics(objective, sums, den, tau, tokens, len(plan))
+
+
+def _accumulate(objective, batches, den, backward: bool, autocast=contextlib.nullcontext):
+    """Run the objective over micro-batches with the shared denominators `den`: summed term
+    numerators, τ stats and supervised slots (backward per micro-batch when training)."""
+    sums, tau = {}, TauSimMeter(objective.block_size, batches[0].input_ids.device)
+    tokens = torch.zeros((), device=batches[0].input_ids.device)
     for b in batches:
-        with _autocast(recipe, info):
+        with autocast():  # forward only: backward runs outside autocast
             parts: LossParts = objective(b, den)
-        parts.loss.backward()
+        if backward:
+            parts.loss.backward()
         for k, v in parts.sums.items():
             sums[k] = sums.get(k, 0) + v.detach()
         tau.add(parts)
         tokens = tokens + parts.tokens
-    all_reduce_grads(params)
-    return _step_metrics(objective, sums, den, tau, tokens, len(plan))
+    return sums, tau, tokens
 
 
 def _num_anchors(s: Setup) -> int:
@@ -165,8 +179,6 @@ def _autocast(recipe: Recipe, info: DistInfo):
 
 def _step_metrics(objective, sums: dict, den: dict, tau: TauSimMeter, tokens, sequences: int) -> dict:
     """Global loss parts (all-reduced) of one step."""
-    from draftsmith.train.objectives import TERM_DENOMINATOR
-
     keys = sorted(sums)
     flat = all_reduce_sum(torch.stack([sums[k].double() for k in keys] + [tokens.double()]))
     tau.load_sums(all_reduce_sum(tau.sums()))
@@ -193,16 +205,7 @@ def evaluate(s: Setup, recipe: Recipe, objective, info: DistInfo, held_feats) ->
     batches = [collate(held_feats[i: i + mb], [EVAL_EPOCH] * len(held_feats[i: i + mb]), recipe,
                        recipe.drafter, info.device, _num_anchors(s)) for i in range(0, len(held_feats), mb)]
     den = reduce_denominators([objective.denominators(b) for b in batches])
-    sums, tau = {}, TauSimMeter(objective.block_size, info.device)
-    tokens = torch.zeros((), device=info.device)
-    for b in batches:
-        parts = objective(b, den)
-        for k, v in parts.sums.items():
-            sums[k] = sums.get(k, 0) + v
-        tau.add(parts)
-        tokens = tokens + parts.tokens
-    from draftsmith.train.objectives import TERM_DENOMINATOR
-
+    sums, tau, _ = _accumulate(objective, batches, den, backward=False)
     out = {f"eval/{k}": float(v) / max(float(den[TERM_DENOMINATOR[k]]), 1e-12) for k, v in sums.items()}
     if float(tau.blocks):
         per = tau.per_position()

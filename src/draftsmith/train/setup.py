@@ -107,7 +107,8 @@ def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: D
                             max_length=recipe.data.max_length, tokenizer=tokenizer, progress=progress)
     barrier()
     cache = FeatureCache.open(path, expect_target=target, expect_layer_ids=target.layer_ids)
-    missing = [s.id for s in samples if s.id not in set(cache.record_ids)]
+    cached = set(cache.record_ids)
+    missing = [s.id for s in samples if s.id not in cached]
     if missing:
         raise InputError(f"{path}: the cache lacks {len(missing)} of the training samples "
                          f"(first: {missing[0]!r}); it was built from other data")

@@ -1,0 +1,51 @@
+"""Reading a conversations JSONL for rendering: every unusable line or record is reported with
+file and line, never dropped silently. Shared by the feature cache, training and the demo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from draftsmith.utils.io import InputError, JsonlProblem, iter_jsonl
+
+
+@dataclass
+class ConversationsFile:
+    path: str
+    records: list[dict] = field(default_factory=list)
+    lines_bad: int = 0  # not UTF-8 / not JSON / not an object
+    records_rejected: int = 0  # readable, but not a usable conversations record
+    problems: list[str] = field(default_factory=list)  # "file:line: reason", bad lines first
+
+
+def record_problem(record: dict) -> str | None:
+    """Why a conversations record cannot be rendered (None when it can)."""
+    if not isinstance(record.get("id"), (str, int)):
+        return "field 'id' missing or not a string"
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        return "field 'conversations' missing, empty or not a list"
+    for k, m in enumerate(convs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"conversations[{k}]: expected an object with string 'role' and 'content'"
+    return None
+
+
+def read_conversations(path: str, limit: int | None = None) -> ConversationsFile:
+    """Well-formed records of the JSONL file (the first `limit`); bad lines and records reported."""
+    out = ConversationsFile(str(path))
+    bad_lines: list[JsonlProblem] = []
+    rejected: list[str] = []
+    try:
+        for lineno, record in iter_jsonl(path, bad_lines):
+            if limit is not None and len(out.records) >= limit:
+                break
+            reason = record_problem(record)
+            if reason:
+                rejected.append(f"{path}:{lineno}: {reason}")
+                continue
+            out.records.append(record)
+    except FileNotFoundError:
+        raise InputError(f"{path}: data file not found") from None
+    out.lines_bad, out.records_rejected = len(bad_lines), len(rejected)
+    out.problems = [str(p) for p in bad_lines] + rejected
+    return out
