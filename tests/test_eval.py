@@ -328,3 +328,47 @@ def test_report_renders_sampled_runs(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| **d** |"))
     assert row.endswith("| – |")  # mismatches: not compared at T > 0
     assert (tmp_path / "tau_per_dataset.png").is_file()
+
+
+def test_calibrate_then_truncated_eval_stays_lossless(world, eval_dir, tmp_path):
+    """`draftsmith calibrate` stores STS temperatures with the draft; eval's survival and p-min
+    truncation read them and still give plain decoding's answers (float64)."""
+    import shutil
+
+    from draftsmith.eval import calibrate
+    from draftsmith.models.calibration import load_calibration
+
+    draft = tmp_path / "dspark"
+    shutil.copytree(world["root"] / "dspark", draft)
+    p = argparse.ArgumentParser()
+    calibrate.add_args(p)
+    out = tmp_path / "cal"
+    assert calibrate.run(p.parse_args([
+        "--draft", str(draft), "--target", str(world["target"]), "--datasets", "qa,chat",
+        "--eval-dir", str(eval_dir), "--max-new-tokens", "24", "--threads", "1", "--no-progress",
+        "--out", str(out)])) == 0
+    cal = load_calibration(draft)
+    assert cal is not None and cal.decoding_temperature == 0.0 and len(cal.sts_temperatures) == 4
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["rounds"] == cal.rounds > 0 and len(report["before"]) == 4
+    assert (out / "reliability.png").is_file() and "![reliability]" in (out / "calibration.md").read_text()
+    for rule in ("survival=0.3", "p-min=0.5"):
+        p = argparse.ArgumentParser()
+        commands.add_args(p)
+        res = tmp_path / rule
+        assert commands.run(p.parse_args([
+            "--target", str(world["target"]), "--draft", f"dspark={draft}", "--datasets", "qa",
+            "--eval-dir", str(eval_dir), "--max-new-tokens", "16", "--dtype", "fp64", "--threads", "1",
+            "--no-progress", "--truncate", rule, "--out", str(res)])) == 0
+        m = json.loads((res / "metrics.json").read_text())
+        assert m["config"]["decoders"]["dspark"]["truncate"].startswith(rule)
+        assert m["drafts"]["dspark"]["overall"]["mismatches"] == 0
+    # survival truncation without a stored calibration is refused, a malformed rule too
+    with pytest.raises(InputError, match="no calibration.json"):
+        p = argparse.ArgumentParser()
+        commands.add_args(p)
+        commands.run(p.parse_args(["--target", str(world["target"]), "--draft", f"d={world['root'] / 'dspark'}",
+                                   "--datasets", "qa", "--eval-dir", str(eval_dir), "--truncate",
+                                   "survival=0.5", "--no-progress", "--out", str(tmp_path / "x")]))
+    with pytest.raises(InputError, match="expected none"):
+        commands.run(eval_args(world, eval_dir, tmp_path / "y", "--truncate", "sometimes"))

@@ -346,7 +346,8 @@ def test_c_star_is_one_when_draft_equals_target(drafter):
     else:
         model, cls = eagle3_model(target, ttt_length=4), _Eagle3TargetAsDraft
         batch = make_batch(target, ids, mask)
-    parts = cls(model, target_head_from(target.get_output_embeddings()))(batch)
+    with torch.no_grad():  # evaluation: greedy τ is counted too
+        parts = cls(model, target_head_from(target.get_output_embeddings()))(batch)
     assert int(parts.blocks) > 0
     assert parts.c_star == [1.0] * 4
     assert float(parts.l1) == 0.0
@@ -355,7 +356,8 @@ def test_c_star_is_one_when_draft_equals_target(drafter):
     assert parts.tau.value() == pytest.approx(1 + float(parts.tokens) / float(parts.blocks), rel=1e-12)
     assert parts.tau.greedy_value() == parts.tau.value()
     obj = cls(model, target_head_from(target.get_output_embeddings()))
-    full = full_blocks_only(obj)(batch)
+    with torch.no_grad():
+        full = full_blocks_only(obj)(batch)
     assert full.tau.value() == 4 + 1 and full.tau.greedy_value() == 4 + 1
 
 

@@ -9,7 +9,7 @@ import sys
 from draftsmith import __version__
 from draftsmith.utils.io import InputError
 
-STAGES = """pipeline: target -> data prepare -> data regenerate -> (cache) -> train -> eval -> export -> serve-check
+STAGES = """pipeline: target -> data prepare -> data regenerate -> (cache) -> train -> eval (calibrate) -> export -> serve-check
 run `draftsmith quickstart` for the whole chain on the embedded default (SmolLM2-135M-Instruct)."""
 
 
@@ -108,6 +108,16 @@ def _eval_parser(sub) -> None:
     p.set_defaults(func=commands.run)
 
 
+def _calibrate_parser(sub) -> None:
+    from draftsmith.eval import calibrate
+
+    p = sub.add_parser("calibrate", help="fit the confidence head's temperature scaling on held-out "
+                                         "rounds and store it with the draft",
+                       description=calibrate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    calibrate.add_args(p)
+    p.set_defaults(func=calibrate.run)
+
+
 def _export_parser(sub) -> None:
     from draftsmith.export import commands
 
@@ -141,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
+    _calibrate_parser(sub)
     _export_parser(sub)
     _quickstart_parser(sub)
     return parser

@@ -58,6 +58,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-draft-tokens", type=int, default=7,
                    help="draft length of the n-gram baseline and EAGLE-3 drafts (DSpark/DFlash "
                         "draft their block size)")
+    p.add_argument("--truncate", default="none",
+                   help="proposal truncation for drafts with a confidence head: none, p-min=P "
+                        "(llama.cpp's raw per-step rule) or survival=THRESHOLD (calibrated "
+                        "cumulative survival; needs `draftsmith calibrate` first); lossless either way")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="target and draft dtype (fp64: bitwise-lossless checks on tiny targets)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -83,7 +87,7 @@ def parse_drafts(items: list[str]) -> dict[str, str]:
     return drafts
 
 
-def _settings(args, stop_ids: list[int], pad_id: int) -> Settings:
+def sampling_settings(args, stop_ids: list[int], pad_id: int) -> Settings:
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
                         ("--num-draft-tokens", args.num_draft_tokens)):
         if value < 1:
@@ -93,7 +97,7 @@ def _settings(args, stop_ids: list[int], pad_id: int) -> Settings:
     except ValueError as e:
         raise InputError(f"sampling options: {e}") from None
     return Settings(args.max_new_tokens, sampling, stop_ids, pad_id, args.seed, args.batch_size,
-                    args.num_draft_tokens)
+                    args.num_draft_tokens, getattr(args, "truncate", "none"))
 
 
 def _load_datasets(args) -> list[EvalDataset]:
@@ -132,6 +136,7 @@ def _run_info(args, datasets, decoders, settings: Settings) -> dict:
         "threads": torch.get_num_threads(), "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "max_samples": args.max_samples,
         "seed": args.seed, "batch_size": args.batch_size, "num_draft_tokens": args.num_draft_tokens,
+        "truncate": settings.truncate,
         "stop_token_ids": settings.stop_ids,
         "datasets": {d.name: {"path": str(d.path), "records": len(d.records), "turns": d.num_turns,
                               "rejected": len(d.rejected)} for d in datasets},
@@ -161,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(source)
     stop_ids = stop_token_ids(tokenizer, hf_model.config, getattr(hf_model, "generation_config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    settings = _settings(args, stop_ids, pad_id)
+    settings = sampling_settings(args, stop_ids, pad_id)
     decoders = build_decoders(hf_model, drafts, baselines, settings, source)
     if len(decoders) == 1:
         log.warning("no --draft and no --baselines: measuring plain decoding only")

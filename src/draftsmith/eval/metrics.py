@@ -51,7 +51,8 @@ def keep_rows(rounds: list[RoundRecord], rows) -> list[RoundRecord]:
 
         share = len(idx) / len(r.rows)
         out.append(RoundRecord(pick(r.rows), pick(r.drafted), pick(r.proposed), pick(r.accepted),
-                               pick(r.committed), pick(r.cut), r.draft_s * share, r.verify_s * share))
+                               pick(r.committed), pick(r.cut), r.draft_s * share, r.verify_s * share,
+                               None if r.confidence is None else pick(r.confidence)))
     return out
 
 

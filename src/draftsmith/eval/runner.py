@@ -31,8 +31,11 @@ import torch
 
 from draftsmith.eval.datasets import EvalDataset, decode_answer, render_prompt
 from draftsmith.eval.metrics import Tally
+from draftsmith.models.calibration import load_calibration
 from draftsmith.models.io import load_draft
-from draftsmith.spec import NGramProposer, PlainProposer, SamplingConfig, SpecEngine, proposer_for
+from draftsmith.spec import (
+    KeepAll, NGramProposer, PlainProposer, PMinRule, SamplingConfig, SpecEngine, SurvivalRule, proposer_for,
+)
 from draftsmith.target.model import TargetModel
 from draftsmith.utils.io import InputError
 
@@ -50,9 +53,10 @@ class Decoder:
     kind: str  # "plain" | "ngram" | the draft's drafter ("dspark", "dflash", "eagle3")
     engine: SpecEngine
     path: str | None = None  # draft dir
+    truncate: str = "none"  # the truncation rule this decoder runs with
 
     def describe(self) -> dict:
-        out = {"kind": self.kind, "path": self.path}
+        out = {"kind": self.kind, "path": self.path, "truncate": self.truncate}
         proposer = self.engine.proposer
         if proposer.uses_features:
             out["target_layer_ids"] = list(proposer.target_layer_ids)
@@ -68,6 +72,7 @@ class Settings:
     seed: int = 0
     batch_size: int = 1
     num_draft_tokens: int = 7  # n-gram and EAGLE-3 draft lengths (DSpark/DFlash: the block size)
+    truncate: str = "none"  # "none" | "p-min=P" | "survival=THRESHOLD" (confidence-head drafts)
 
     @property
     def compare(self) -> bool:
@@ -88,6 +93,45 @@ class Answer:
 
 
 # --------------------------------------------------------------------------- decoders
+
+
+def parse_truncate(text: str) -> tuple[str, float | None]:
+    """"none" | "p-min=P" | "survival=THRESHOLD" -> (rule, value)."""
+    rule, _, value = text.partition("=")
+    rule = rule.strip()
+    if rule == "none" and not value:
+        return "none", None
+    if rule not in ("p-min", "survival") or not value:
+        raise InputError(f"--truncate {text!r}: expected none, p-min=P or survival=THRESHOLD")
+    try:
+        v = float(value)
+    except ValueError:
+        raise InputError(f"--truncate {text!r}: {value!r} is not a number") from None
+    if not 0 <= v <= 1:
+        raise InputError(f"--truncate {text!r}: the value must lie in [0, 1]")
+    return rule, v
+
+
+def truncation_for(model, path: str, settings: Settings):
+    """(rule, description) for one draft: confidence-head drafts get the requested rule
+    (survival with the STS temperatures stored in the draft dir), the others verify everything."""
+    rule, value = parse_truncate(settings.truncate)
+    if rule == "none":
+        return KeepAll(), "none"
+    if getattr(model, "confidence_head", None) is None:
+        log.warning("draft %s has no confidence head: --truncate %s does not apply, it verifies "
+                    "every drafted token", path, settings.truncate)
+        return KeepAll(), "none (no confidence head)"
+    if rule == "p-min":
+        return PMinRule(value), f"p-min={value:g} (raw per-step σ(c_k), llama.cpp's rule)"
+    cal = load_calibration(path)
+    if cal is None:
+        raise InputError(f"--truncate {settings.truncate}: {path} has no calibration.json; run "
+                         f"`draftsmith calibrate --draft {path} --temperature "
+                         f"{settings.sampling.temperature:g} ...` first")
+    temps = cal.temperatures_for(settings.sampling.temperature, f"{path}/calibration.json")
+    return SurvivalRule(value, temps), f"survival={value:g} (STS-calibrated cumulative survival)"
+
 
 
 def _check_draft(name: str, draft, hf_model) -> None:
@@ -117,8 +161,8 @@ def build_decoders(hf_model, drafts: dict[str, str], baselines: list[str], setti
                 raise InputError(f"draft reads target layers {list(key)}: {e}") from None
         return wrappers[key]
 
-    def engine(proposer) -> SpecEngine:
-        return SpecEngine(target_for(proposer.target_layer_ids), proposer, settings.sampling,
+    def engine(proposer, truncate=None) -> SpecEngine:
+        return SpecEngine(target_for(proposer.target_layer_ids), proposer, settings.sampling, truncate,
                           eos_token_ids=settings.stop_ids, pad_token_id=settings.pad_id)
 
     decoders = [Decoder(PLAIN, PLAIN, engine(PlainProposer()))]
@@ -132,8 +176,9 @@ def build_decoders(hf_model, drafts: dict[str, str], baselines: list[str], setti
                              "drafts need distinct names)")
         model = load_draft(path, dtype=dtype, device=next(hf_model.parameters()).device)
         _check_draft(name, model, hf_model)
-        decoders.append(Decoder(name, model.config.drafter, engine(proposer_for(model, settings.num_draft_tokens)),
-                                str(path)))
+        rule, described = truncation_for(model, str(path), settings)
+        decoders.append(Decoder(name, model.config.drafter,
+                                engine(proposer_for(model, settings.num_draft_tokens), rule), str(path), described))
     return decoders
 
 

@@ -58,6 +58,9 @@ class RoundRecord:
     cut: list[str]  # "" | "eos" (the round reached EOS) | "length" (tokens dropped at the limit)
     draft_s: float  # proposer time: propose + truncation + commit of the new features
     verify_s: float  # target forward + acceptance + cache rollback + dropping finished rows
+    # per row: the confidence logits of every drafted slot (before truncation), when the
+    # proposer has a confidence head (DSpark); what calibration is fitted on
+    confidence: list[list[float]] | None = None
 
     def tau_counts(self) -> list[int]:
         """Per row: accepted + 1 (bonus included); an EOS-terminated round counts only what it
@@ -257,8 +260,11 @@ class DecodeRun:
         out = eng.target(inputs, attention_mask=mask, position_ids=pos, cache=self.kv.cache, use_cache=True)
         accepted, nxt = self._verify(eng.target.logits(out.hidden), tokens, probs, lengths)
         self.kv.keep(K + 1, accepted + 1)
+        conf = None
+        if prop.confidence is not None:
+            conf = [c[:n] for c, n in zip(prop.confidence.float().tolist(), prop.lengths.tolist())]
         record = RoundRecord(list(st.rows), prop.lengths.tolist(), lengths.tolist(),
-                             accepted.tolist(), [], [], 0.0, 0.0)
+                             accepted.tolist(), [], [], 0.0, 0.0, conf)
         for i, (a, t) in enumerate(zip(record.accepted, nxt.tolist())):
             n, cut = self._extend(i, tokens[i, :a].tolist() + [t])
             record.committed.append(n)

@@ -146,10 +146,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax in the compute dtype; p = exp of it (one formula for p_d and p_t, so equal
-    logits give bit-equal probabilities)."""
-    return torch.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)
+def _log_probs(logits: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """log-probabilities in the compute dtype: logits − logsumexp(logits), over every column,
+    returned for `columns` only when given (a pruned draft needs p_t on its own vocabulary;
+    the normalizer still spans the full vocabulary, and no full-size output is written). One
+    formula for p_d and p_t, so equal logits give bit-equal probabilities."""
+    x = logits.to(_compute_dtype(logits))
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    return (x if columns is None else x[:, columns]) - lse
 
 
 # --------------------------------------------------------------------------- τ_sim
@@ -162,7 +166,8 @@ class TauSimMeter:
     A partially supervised block (its response ends inside it) counts only its supervised slots:
     decoding stops at the end of the response, so later slots cannot add accepted tokens.
     Greedy τ counts, per block, 1 + the leading slots whose draft argmax equals the target's
-    argmax (teacher-forced: exact greedy acceptance when the labels are the target's argmax).
+    argmax (teacher-forced: exact greedy acceptance when the labels are the target's argmax);
+    it is counted when the objective runs without grad (evaluation), not in training steps.
     All state is sums (`sums()` / `load_sums()` for an all-reduce across ranks).
     """
 
@@ -405,10 +410,14 @@ class BlockObjective:
         nums = {"ce": ce, "soft_ce": zero, "l1": zero, "bce": zero}
         c_star = match = logp.new_zeros(0)
         if tgt_h is not None:
+            evaluating = not torch.is_grad_enabled()
             with torch.no_grad():
-                p_t = _log_probs(self.target_head(tgt_h)).exp()  # [n, V]
-                kept = p_t[:, ids_from_d2t(self.module.d2t)] if self.pruned else p_t  # [n, Vd]
-                match = self.module.to_target_ids(logp.argmax(-1)) == p_t.argmax(-1)
+                t_logits = self.target_head(tgt_h)  # [n, V]
+                columns = ids_from_d2t(self.module.d2t) if self.pruned else None
+                kept = _log_probs(t_logits, columns).exp()  # p_t on the draft vocabulary [n, Vd]
+                match = torch.zeros(kept.shape[0], dtype=torch.bool, device=kept.device)
+                if evaluating:  # greedy τ: evaluation only (one more full-vocabulary pass)
+                    match = self.module.to_target_ids(logp.argmax(-1)) == t_logits.float().argmax(-1)
             l1 = (logp.exp() - kept).abs().sum(-1)  # [n]
             if self.pruned:
                 l1 = l1 + (1 - kept.sum(-1)).clamp(min=0)  # p_t mass outside the draft vocab
