@@ -134,7 +134,10 @@ def all_reduce_grads(params: list[torch.Tensor]) -> None:
 
 
 def train_step(step: int, s: Setup, recipe: Recipe, objective, params, info: DistInfo) -> dict:
-    """One optimizer step's forward/backward over this rank's micro-batches; returns metrics."""
+    """One optimizer step's forward/backward over this rank's micro-batches; returns metrics.
+    p_t is computed when a loss term needs it (DSpark L1, Eagle3 soft CE) and otherwise (DFlash)
+    only every `train.target_metrics_every` steps, for the train/tau_sim and c* metrics."""
+    objective.config.target_metrics = step % recipe.train.target_metrics_every == 0
     plan = step_samples(step, len(s.data.train), recipe.train.global_batch, recipe.train.seed)
     mine = plan[info.rank::info.world]
     mb = recipe.train.micro_batch
@@ -201,6 +204,7 @@ def evaluate(s: Setup, recipe: Recipe, objective, info: DistInfo, held_feats) ->
     """Held-out loss parts and simulated τ (teacher-forced, T = 1), on rank 0's copy."""
     if not held_feats:
         return {}
+    objective.config.target_metrics = True
     mb = recipe.train.micro_batch
     batches = [collate(held_feats[i: i + mb], [EVAL_EPOCH] * len(held_feats[i: i + mb]), recipe,
                        recipe.drafter, info.device, _num_anchors(s)) for i in range(0, len(held_feats), mb)]

@@ -60,6 +60,9 @@ class TrainConfig(StrictConfig):
     checkpoint_every: int = Field(500, ge=1)  # optimizer steps; the last step always saves
     eval_every: int = Field(100, ge=1)
     log_every: int = Field(1, ge=1)
+    # steps between train/tau_sim and c* metrics when no loss term needs p_t (DFlash): p_t costs
+    # a full-vocabulary LM-head pass per supervised slot, ~40% of a step on CPU
+    target_metrics_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     parallel: Literal["ddp", "fsdp2"] = "ddp"
