@@ -76,6 +76,10 @@ class InitConfig(StrictConfig):
     # embedding gives that token a logit near 80 and a saturated softmax that starves the L1
     # term of gradient. A small scale starts the draft unsaturated; the norm is trained.
     final_norm: float = Field(1.0, gt=0)
+    # DSpark's vanilla Markov head: "random" (N(0, initializer_range)) or "bigram" (the rank-r
+    # factorization of the training labels' smoothed log-bigram table; train/init.py)
+    markov: Literal["random", "bigram"] = "random"
+    bigram_smoothing: float = Field(1.0, gt=0)  # α of the additive smoothing towards the unigram
 
 
 class Recipe(StrictConfig):

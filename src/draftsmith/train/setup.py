@@ -23,6 +23,7 @@ from draftsmith.models.io import build_draft, load_draft
 from draftsmith.models.vocab import build_draft_vocab
 from draftsmith.target.model import TargetModel, load_target_model, load_tokenizer
 from draftsmith.train.dataset import TrainData, prepare_data, supervised_token_counts
+from draftsmith.train.init import init_markov_from_bigrams
 from draftsmith.train.parallel import DistInfo, barrier
 from draftsmith.train.recipe import Recipe
 from draftsmith.utils.io import InputError
@@ -51,6 +52,8 @@ def build_model(recipe: Recipe, hf_target: nn.Module, data: TrainData, init_from
     if recipe.init.final_norm != 1.0:
         with torch.no_grad():
             model.norm.weight.mul_(recipe.init.final_norm)
+    if recipe.init.markov == "bigram":
+        data.lines.append(init_markov_from_bigrams(model, data.train, recipe.init.bigram_smoothing))
     return model
 
 

@@ -1,0 +1,64 @@
+"""Data-dependent inits (train/init.py): the Markov head from the training labels' bigrams."""
+
+import pytest
+import torch
+from tiny_targets import tiny_target
+
+from draftsmith.data.templates import RenderedSample
+from draftsmith.models.dspark import DSparkConfig, build_dspark
+from draftsmith.train.init import bigram_pairs, init_markov_from_bigrams
+from draftsmith.utils.io import InputError
+
+
+def cyclic_samples(n=40, length=30, cycle=(10, 11, 12, 13, 14, 15, 16, 17)):
+    """Responses in which token c always follows token c - 1 (cyclically), after a prompt token 90."""
+    out = []
+    for i in range(n):
+        ids = [90] + [cycle[(i + t) % len(cycle)] for t in range(length)]
+        out.append(RenderedSample(f"s{i}", ids, [0] + [1] * length))
+    return out
+
+
+def draft(target, **kw):
+    cfg = DSparkConfig.from_target(target.config, mask_token_id=5, num_hidden_layers=1, markov_rank=8,
+                                   target_layer_ids=[1], block_size=3, **kw)
+    return build_dspark(cfg).init_from_target(target, kw.get("_kept"))
+
+
+def test_bigram_pairs_skip_unsupervised_and_pruned_labels():
+    samples = [RenderedSample("a", [1, 2, 3, 4], [0, 0, 1, 1])]
+    prev, nxt = bigram_pairs(samples, 96, None)
+    assert prev.tolist() == [2, 3] and nxt.tolist() == [3, 4]  # labels 3 and 4 are supervised
+    prev, nxt = bigram_pairs(samples, 96, torch.tensor([0, 4, 7]))  # draft vocab {0, 4, 7}
+    assert prev.tolist() == [3] and nxt.tolist() == [1]  # 4 is draft id 1; 3 is not in the vocab
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_markov_head_starts_as_the_bigram(pruned):
+    target = tiny_target("qwen3")
+    samples = cyclic_samples()
+    if pruned:
+        cfg = DSparkConfig.from_target(target.config, mask_token_id=5, num_hidden_layers=1, markov_rank=8,
+                                       target_layer_ids=[1], block_size=3, draft_vocab_size=24)
+        kept = torch.arange(24)  # the cycle's tokens 10..17 sit inside the draft vocabulary
+        model = build_dspark(cfg).init_from_target(target, kept)
+    else:
+        model = draft(target)
+    line = init_markov_from_bigrams(model, samples)
+    assert "9 distinct previous tokens" in line  # 10..17 and the prompt token 90
+    prev = torch.arange(10, 18)
+    with torch.no_grad():
+        bias = model.markov_head.step(torch.zeros(8, 32), prev)[0]  # [8, V_draft]
+    best = model.to_target_ids(bias.argmax(-1))
+    assert best.tolist() == [11, 12, 13, 14, 15, 16, 17, 10]
+    probs = torch.softmax(bias, -1)
+    assert float(probs[torch.arange(8), bias.argmax(-1)].min()) > 0.5  # a sharp prior, not a tie
+    assert model.markov_head.markov_w1.weight[50].abs().sum() == 0  # never a previous token: no bias
+
+
+def test_bigram_init_refuses_heads_it_cannot_set():
+    target = tiny_target("qwen3")
+    with pytest.raises(InputError, match="vanilla Markov head"):
+        init_markov_from_bigrams(draft(target, markov_head_type="gated"), cyclic_samples())
+    with pytest.raises(InputError, match="no supervised label pairs"):
+        init_markov_from_bigrams(draft(target), [RenderedSample("x", [1, 2], [0, 0])])
