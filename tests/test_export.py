@@ -506,3 +506,40 @@ def test_gguf_export_matches_manifest_and_serves(tmp_path, llama_target, case, c
     assert result["reply"]["usage"]["completion_tokens"] >= 1
     assert result["reply"]["timings"]["draft_n"] > 0  # the draft proposed tokens
     assert "draft acceptance" in result["log"]
+
+
+@pytest.mark.llama
+def test_serve_check_end_to_end(tmp_path, llama_target, capsys, monkeypatch):
+    """serve-check exports the draft, serves it, the target alone and a peer, decodes the same
+    prompt tokens offline, and writes served.json; a parity miss exits 1 naming causes."""
+    from draftsmith.serve import check
+
+    hf_dir, hf_model, _ = llama_target
+    src = make_draft(tmp_path, hf_model, hf_dir, "dspark", "served", mask_token_id=16,
+                     target_layer_ids=[1, 3], markov_rank=16)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["Count from one to ten."]}\n{"turns": ["Name a colour.", "Another?"]}\n')
+    parser = argparse.ArgumentParser()
+    check.add_args(parser)
+    args = parser.parse_args(["--draft", str(src), "--datasets", str(prompts), "--max-new-tokens", "12",
+                              "--peers", "ngram-simple", "--threads", "1", "--no-progress",
+                              "--out", str(tmp_path / "sc")])
+    code = check.run(args)
+    result = json.loads((tmp_path / "sc" / "served.json").read_text())
+    m = result["draft"]["datasets"]["p"]
+    for key in ("served_tau", "offline_tau", "served_tokens_per_s", "plain_tokens_per_s", "speedup", "parity"):
+        assert m[key] is not None, key
+    assert code == (0 if m["parity_ok"] else 1)
+    assert m["rounds"] > 0 and len(m["requests"]) == 2  # first turns only
+    for r in m["requests"]:  # the server saw exactly our prompt tokens (no BOS added, no template)
+        assert r["server_prompt_tokens"] == r["prompt_tokens"]
+    assert "--spec-draft-n-max" in result["config"]["llama_server_args"]
+    assert set(result["peers"]) == {"ngram-simple", "plain"}
+    assert m["speedup"] == pytest.approx(m["served_tokens_per_s"] / m["plain_tokens_per_s"])
+    assert "| draft | p |" in capsys.readouterr().out
+    # a parity miss: exit 1 with the likely causes
+    real = check.offline_tau
+    monkeypatch.setattr(check, "offline_tau", lambda *a: {ds: {**v, "offline_tau": 3 * v["offline_tau"]}
+                                                         for ds, v in real(*a).items()})
+    assert check.run(args) == 1
+    assert "layer-id convention" in capsys.readouterr().out

@@ -128,6 +128,16 @@ def _export_parser(sub) -> None:
     p.set_defaults(func=commands.run)
 
 
+def _serve_check_parser(sub) -> None:
+    from draftsmith.serve import check
+
+    p = sub.add_parser("serve-check", help="serve the draft in llama.cpp's llama-server and check that "
+                                           "served tau matches offline tau (and the speedup)",
+                       description=check.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_args(p)
+    p.set_defaults(func=check.run)
+
+
 def _quickstart_parser(sub) -> None:
     from draftsmith import quickstart
 
@@ -153,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _calibrate_parser(sub)
     _export_parser(sub)
+    _serve_check_parser(sub)
     _quickstart_parser(sub)
     return parser
 
