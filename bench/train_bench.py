@@ -74,7 +74,7 @@ def cache_rows(target: str, data: str, limit: int) -> list[dict]:
 
     recipe = load_recipe(f"{target}/dspark")
     tok = load_tokenizer(recipe.target)
-    samples, _ = load_samples(data, tok, recipe.data.max_length, limit)
+    samples = load_samples(data, tok, recipe.data.max_length, limit, progress=False).samples
     source = resolve_target(recipe.target)
     cfg = AutoConfig.from_pretrained(materialized_dir(source) if source.kind == "gguf" else source.path)
     rows = []

@@ -148,17 +148,19 @@ def train_step(step: int, s: Setup, recipe: Recipe, objective, params, info: Dis
         batches.append(collate(feats, [e for _, e in chunk], recipe, recipe.drafter, info.device,
                                _num_anchors(s)))
     den = reduce_denominators([objective.denominators(b) for b in batches], all_reduce_sum)
-    sums, tau, tokens = _accumulate(objective, batches, den, backward=True,
+    sums, tau, counts = _accumulate(objective, batches, den, backward=True,
                                     autocast=lambda: _autocast(recipe, info))
     all_reduce_grads(params)
-    return _step_metrics(objective, sums, den, tau, tokens, len(plan))
+    return _step_metrics(objective, sums, den, tau, counts, len(plan))
 
 
 def _accumulate(objective, batches, den, backward: bool, autocast=contextlib.nullcontext):
     """Run the objective over micro-batches with the shared denominators `den`: summed term
-    numerators, τ stats and supervised slots (backward per micro-batch when training)."""
+    numerators, τ stats and [supervised slots, supervised blocks] (backward per micro-batch when
+    training)."""
     sums, tau = {}, TauSimMeter(objective.block_size, batches[0].input_ids.device)
     tokens = torch.zeros((), device=batches[0].input_ids.device)
+    blocks = torch.zeros((), device=batches[0].input_ids.device)
     for b in batches:
         with autocast():  # forward only: backward runs outside autocast
             parts: LossParts = objective(b, den)
@@ -168,7 +170,8 @@ def _accumulate(objective, batches, den, backward: bool, autocast=contextlib.nul
             sums[k] = sums.get(k, 0) + v.detach()
         tau.add(parts)
         tokens = tokens + parts.tokens
-    return sums, tau, tokens
+        blocks = blocks + parts.blocks
+    return sums, tau, torch.stack([tokens, blocks])
 
 
 def _num_anchors(s: Setup) -> int:
@@ -180,17 +183,17 @@ def _autocast(recipe: Recipe, info: DistInfo):
     return torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def _step_metrics(objective, sums: dict, den: dict, tau: TauSimMeter, tokens, sequences: int) -> dict:
-    """Global loss parts (all-reduced) of one step."""
+def _step_metrics(objective, sums: dict, den: dict, tau: TauSimMeter, counts, sequences: int) -> dict:
+    """Global loss parts (all-reduced) of one step; counts = [supervised slots, blocks]."""
     keys = sorted(sums)
-    flat = all_reduce_sum(torch.stack([sums[k].double() for k in keys] + [tokens.double()]))
+    flat = all_reduce_sum(torch.stack([sums[k].double() for k in keys] + list(counts.double())))
     tau.load_sums(all_reduce_sum(tau.sums()))
     out = {}
     loss = 0.0
-    for k, v in zip(keys, flat[:-1].tolist()):
+    for k, v in zip(keys, flat[:-2].tolist()):
         out[k] = v / max(float(den[TERM_DENOMINATOR[k]]), 1e-12)
         loss += getattr(objective.loss_weights, k) * out[k]
-    out.update(loss=loss, tokens=float(flat[-1]), sequences=sequences, blocks=float(tau.blocks))
+    out.update(loss=loss, tokens=float(flat[-2]), sequences=sequences, blocks=float(flat[-1]))
     if float(tau.blocks):
         out.update(tau_sim=tau.value(), c_star=[round(c, 5) for c in tau.per_position()["c_star"]])
     return out
