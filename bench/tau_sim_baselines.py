@@ -40,22 +40,16 @@ def add_block(tau, cs: list[float]) -> None:
 
 
 def count_tables(samples, vocab: int):
-    uni = torch.zeros(vocab, dtype=torch.float64)
+    """Unigram [V] and bigram (prev -> Counter of next) of the training labels."""
+    from draftsmith.train.init import bigram_pairs
+
+    prev, nxt = bigram_pairs(samples, vocab, None)
+    uni = torch.bincount(nxt, minlength=vocab).double()
     big: dict[int, Counter] = defaultdict(Counter)
-    for s in samples:
-        for t in range(1, len(s.input_ids)):
-            if s.loss_mask[t]:
-                uni[s.input_ids[t]] += 1
-                big[s.input_ids[t - 1]][s.input_ids[t]] += 1
+    pairs, counts = torch.unique(torch.stack([prev, nxt], 1), dim=0, return_counts=True)
+    for (p, n), c in zip(pairs.tolist(), counts.tolist()):
+        big[p][n] = c
     return uni / uni.sum(), big
-
-
-def ngram_proposal(ids: list[int], a: int, n: int = 3, k: int = 4) -> list[int] | None:
-    key = ids[a - n + 1: a + 1]
-    for j in range(a - 1, n - 2, -1):
-        if ids[j - n + 1: j + 1] == key:
-            return ids[j + 1: min(j + 1 + k, a + 1)]
-    return None
 
 
 def main() -> int:
@@ -67,6 +61,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
+    from draftsmith.spec import NGramProposer
     from draftsmith.train import loop
     from draftsmith.train.anchors import sample_anchors
     from draftsmith.train.objectives import ObjectiveConfig, build_objective
@@ -81,6 +76,7 @@ def main() -> int:
     V = s.model.config.vocab_size
     uni, big = count_tables(s.data.train, V)
     held = s.features(s.data.heldout)
+    ngram = NGramProposer(num_tokens=block, max_ngram=3, min_ngram=3)
     rows = {name: meter(block) for name in ("unigram", "bigram", "ngram-copy", "argmax oracle")}
     with torch.no_grad():
         for f in held:
@@ -91,7 +87,7 @@ def main() -> int:
                 slots = slots[: next((i for i, k in enumerate(slots) if k != i), len(slots))]
                 if not slots:
                     continue
-                prop = ngram_proposal(ids, a) or []
+                prop = ngram.lookup(ids[: a + 1])
                 cs = {n: [] for n in rows}
                 for k in slots:
                     pt = p_t[a + k]

@@ -27,12 +27,7 @@ from draftsmith.target.model import load_tokenizer
 from draftsmith.utils.io import InputError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rnd(rows, proposed, accepted, committed, cut=None, draft_s=0.1, verify_s=0.3):

@@ -395,15 +395,6 @@ PROMPT, NEW = 4, 20
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny ops are dominated by thread hand-offs; one thread is also robust to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def greedy_data(one_thread):
     """6 sequences generated greedily by a tiny Qwen3 whose LM head is scaled 1000× (peaked:
     mean target NLL of its own greedy tokens ≈ 0.02), loss mask = the generated tokens."""

@@ -43,12 +43,7 @@ PROMPTS = [[3, 7, 2, 8, 9], [5, 6], [1, 2, 3, 4, 5, 6, 7, 8]]
 NEW = 24  # > Gemma's sliding window (8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def target(family="qwen3", vocab=V, seed=0):

@@ -85,67 +85,34 @@ def _cache_parser(sub) -> None:
     build.set_defaults(func=commands.run_build)
 
 
-def _train_parser(sub) -> None:
-    from draftsmith.train import loop
+def _module_command(sub, name: str, module: str, help: str, description: str | None = None) -> None:
+    """A stage whose module has `add_args(parser)` and `run(args)` (imported when registered)."""
+    import importlib
 
-    p = sub.add_parser("train", help="train a DSpark, DFlash or Eagle3 draft (CPU, GPU, torchrun)",
-                       description="One train loop for every drafter. `--recipe` names a shipped "
-                                   "recipe (e.g. smollm2-135m/dspark) or a YAML path; `--set a.b=v` "
-                                   "overrides any key. Resumes from RUN/step_latest when present.")
-    loop.add_args(p)
-    p.set_defaults(func=loop.run)
-
-
-def _eval_parser(sub) -> None:
-    from draftsmith.eval import commands
-
-    p = sub.add_parser("eval", help="lossless speculative decoding benchmarks: tau, acceptance, "
-                                    "tokens/s against plain decoding, report with plots",
-                       description="Runs plain decoding of the target (the speedup's denominator), "
-                                   "each --draft and each baseline on the same prompts in one "
-                                   "process; writes OUT/metrics.json and OUT/report.md.")
-    commands.add_args(p)
-    p.set_defaults(func=commands.run)
+    mod = importlib.import_module(module)
+    p = sub.add_parser(name, help=help, description=description or mod.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    mod.add_args(p)
+    p.set_defaults(func=mod.run)
 
 
-def _calibrate_parser(sub) -> None:
-    from draftsmith.eval import calibrate
-
-    p = sub.add_parser("calibrate", help="fit the confidence head's temperature scaling on held-out "
-                                         "rounds and store it with the draft",
-                       description=calibrate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    calibrate.add_args(p)
-    p.set_defaults(func=calibrate.run)
-
-
-def _export_parser(sub) -> None:
-    from draftsmith.export import commands
-
-    p = sub.add_parser("export", help="export a draft for DeepSpec, SGLang, vLLM/speculators or "
-                                      "llama.cpp (GGUF), with a manifest",
-                       description=commands.__doc__)
-    commands.add_args(p)
-    p.set_defaults(func=commands.run)
-
-
-def _serve_check_parser(sub) -> None:
-    from draftsmith.serve import check
-
-    p = sub.add_parser("serve-check", help="serve the draft in llama.cpp's llama-server and check that "
-                                           "served tau matches offline tau (and the speedup)",
-                       description=check.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    check.add_args(p)
-    p.set_defaults(func=check.run)
-
-
-def _quickstart_parser(sub) -> None:
-    from draftsmith import quickstart
-
-    p = sub.add_parser("quickstart", help="the whole chain on the embedded default (what `make demo` runs)",
-                       description="Runs every stage that exists on the embedded default target and "
-                                   "writes a report.")
-    quickstart.add_args(p)
-    p.set_defaults(func=quickstart.run)
+MODULE_COMMANDS = (
+    ("train", "draftsmith.train.loop", "train a DSpark, DFlash or Eagle3 draft (CPU, GPU, torchrun)",
+     "One train loop for every drafter. `--recipe` names a shipped recipe (e.g. smollm2-135m/dspark) "
+     "or a YAML path; `--set a.b=v` overrides any key. Resumes from RUN/step_latest when present."),
+    ("eval", "draftsmith.eval.commands", "lossless speculative decoding benchmarks: tau, acceptance, "
+     "tokens/s against plain decoding, report with plots",
+     "Runs plain decoding of the target (the speedup's denominator), each --draft and each baseline "
+     "on the same prompts in one process; writes OUT/metrics.json and OUT/report.md."),
+    ("calibrate", "draftsmith.eval.calibrate", "fit the confidence head's temperature scaling on "
+     "held-out rounds and store it with the draft", None),
+    ("export", "draftsmith.export.commands", "export a draft for DeepSpec, SGLang, vLLM/speculators or "
+     "llama.cpp (GGUF), with a manifest", None),
+    ("serve-check", "draftsmith.serve.check", "serve the draft in llama.cpp's llama-server and check "
+     "that served tau matches offline tau (and the speedup)", None),
+    ("quickstart", "draftsmith.quickstart", "the whole chain on the embedded default (what `make demo` "
+     "runs)", "Runs every stage that exists on the embedded default target and writes a report."),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,12 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     _target_parser(sub)
     _data_parser(sub)
     _cache_parser(sub)
-    _train_parser(sub)
-    _eval_parser(sub)
-    _calibrate_parser(sub)
-    _export_parser(sub)
-    _serve_check_parser(sub)
-    _quickstart_parser(sub)
+    for name, module, help, description in MODULE_COMMANDS:
+        _module_command(sub, name, module, help, description)
     return parser
 
 

@@ -505,6 +505,18 @@ class LlamaServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def get_text(self, path: str, timeout: float = 30) -> str:
+        """GET `path` (e.g. "/metrics") from the running server."""
+        with urllib.request.urlopen(self.base_url + path, timeout=timeout) as r:
+            return r.read().decode()
+
+    def post_json(self, path: str, body: dict, timeout: float = 600) -> dict:
+        """POST a JSON body to `path` (e.g. "/v1/completions") and return the JSON reply."""
+        req = urllib.request.Request(self.base_url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
     def stop(self, timeout: float = 10) -> None:
         """Stop the server (SIGTERM, then SIGKILL after `timeout` s). Safe to call twice."""
         proc = self.proc

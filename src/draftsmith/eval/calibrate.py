@@ -20,16 +20,15 @@ from pathlib import Path
 
 import torch
 
-from draftsmith.eval.commands import sampling_settings
 from draftsmith.eval.calibration import (
     CalibrationSet, fit_sts, plot_reliability, plot_sweep, position_metrics, threshold_sweep,
 )
-from draftsmith.eval.datasets import load_dataset, render_prompt, split_list, stop_token_ids
+from draftsmith.eval.commands import load_datasets, sampling_config
+from draftsmith.eval.datasets import decode_answer, render_prompt, stop_token_ids
 from draftsmith.eval.metrics import json_safe
-from draftsmith.eval.report import _num
-from draftsmith.eval.runner import build_decoders
+from draftsmith.eval.report import fmt_num
+from draftsmith.eval.runner import Settings, build_decoders
 from draftsmith.models.calibration import Calibration, save_calibration
-from draftsmith.spec import SamplingConfig
 from draftsmith.target.model import load_target_model, load_tokenizer
 from draftsmith.utils.io import InputError, atomic_write_json, atomic_write_text
 
@@ -64,8 +63,7 @@ def collect_rounds(decoder, datasets, tokenizer, max_new_tokens: int, seed: int,
                 prompt = render_prompt(tokenizer, record, history)
                 gen = decoder.engine.generate([prompt], max_new_tokens, seed + 1000 * i + turn)
                 rounds += gen.rounds
-                ids = [t for t in gen.outputs[0] if t not in stop_ids]
-                history.append(tokenizer.decode(ids, skip_special_tokens=True))
+                history.append(decode_answer(tokenizer, gen.outputs[0], stop_ids))
                 if progress is not None:
                     progress(1)
     return rounds
@@ -87,16 +85,16 @@ def render_markdown(report: dict, plots: dict[str, str], draft: str) -> str:
              "| position | rounds | observed survival | predicted (raw) | ECE raw | ECE STS | "
              "Brier raw | Brier STS | AUROC |", "|---|---|---|---|---|---|---|---|---|"]
     for b, a in zip(report["before"], report["after"]):
-        lines.append(f"| {b['position']} | {b['rounds']} | {_num(b['observed'])} | {_num(b['predicted'])} | "
-                     f"{_num(b['ece'], '{:.3f}')} | {_num(a['ece'], '{:.3f}')} | {_num(b['brier'], '{:.3f}')} | "
-                     f"{_num(a['brier'], '{:.3f}')} | {_num(b['auroc'], '{:.3f}')} |")
+        lines.append(f"| {b['position']} | {b['rounds']} | {fmt_num(b['observed'])} | {fmt_num(b['predicted'])} | "
+                     f"{fmt_num(b['ece'], '{:.3f}')} | {fmt_num(a['ece'], '{:.3f}')} | {fmt_num(b['brier'], '{:.3f}')} | "
+                     f"{fmt_num(a['brier'], '{:.3f}')} | {fmt_num(b['auroc'], '{:.3f}')} |")
     lines += ["", f"![reliability]({plots['reliability']})", "",
               "## Threshold sweep (offline)", "", report["sweep_note"] + ".", "",
               "| threshold | τ survival rule | draft tokens/round | τ p-min rule | draft tokens/round |",
               "|---|---|---|---|---|"]
     for s, p in zip(report["sweep"]["survival"], report["sweep"]["p_min"]):
-        lines.append(f"| {s['threshold']:.2f} | {_num(s['tau'])} | {_num(s['draft_tokens_per_round'])} | "
-                     f"{_num(p['tau'])} | {_num(p['draft_tokens_per_round'])} |")
+        lines.append(f"| {s['threshold']:.2f} | {fmt_num(s['tau'])} | {fmt_num(s['draft_tokens_per_round'])} | "
+                     f"{fmt_num(p['tau'])} | {fmt_num(p['draft_tokens_per_round'])} |")
     lines += ["", f"![sweep]({plots['sweep']})", ""]
     return "\n".join(lines)
 
@@ -106,12 +104,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not Path(args.draft).is_dir():
         raise InputError(f"--draft {args.draft}: not a directory")
-    datasets = [load_dataset(s, args.eval_dir, args.max_samples) for s in split_list(args.datasets)]
+    datasets = load_datasets(args)
     hf_model, source = load_target_model(args.target, torch.float32)
     tokenizer = load_tokenizer(source)
     stop_ids = stop_token_ids(tokenizer, hf_model.config, getattr(hf_model, "generation_config", None))
-    args.batch_size, args.num_draft_tokens = 1, 7
-    settings = sampling_settings(args, stop_ids, stop_ids[0])
+    settings = Settings(args.max_new_tokens, sampling_config(args), stop_ids, stop_ids[0], args.seed)
     decoder = build_decoders(hf_model, {"draft": args.draft}, [], settings, source)[-1]
     if decoder.kind != "dspark" or not getattr(decoder.engine.proposer.model, "confidence_head", None):
         raise InputError(f"--draft {args.draft}: calibration needs a DSpark draft with a confidence "
@@ -121,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     total = sum(d.num_turns for d in datasets)
     with tqdm(total=total, desc="calibrate (turns)", disable=args.no_progress) as bar:
         rounds = collect_rounds(decoder, datasets, tokenizer, args.max_new_tokens, args.seed,
-                                set(stop_ids), bar.update)
+                                stop_ids, bar.update)
     data = CalibrationSet.from_rounds(rounds)
     if data.rounds == 0:
         raise InputError("no round drafted anything: nothing to calibrate on")
@@ -142,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed})
         log.info("wrote %s", save_calibration(args.draft, cal))
     for b, a in zip(report["before"], report["after"]):
-        print(f"position {b['position']}: observed {_num(b['observed'])}  ECE {_num(b['ece'], '{:.3f}')} -> "
-              f"{_num(a['ece'], '{:.3f}')}  AUROC {_num(b['auroc'], '{:.3f}')}")
+        print(f"position {b['position']}: observed {fmt_num(b['observed'])}  ECE {fmt_num(b['ece'], '{:.3f}')} -> "
+              f"{fmt_num(a['ece'], '{:.3f}')}  AUROC {fmt_num(b['auroc'], '{:.3f}')}")
     print(f"STS temperatures: {', '.join(f'{t:.3g}' for t in temps)}; wrote {out / 'calibration.md'}")
     return 0

@@ -12,9 +12,10 @@ verified), at the decoding temperature the calibration will be used at.
   ranks averaged; NaN when only one outcome occurs) per position.
 - `fit_sts`: for k = 1..γ in turn, grid-search T_k (log-spaced 0.05..20) minimizing the ECE of
   s_k with T_1..T_{k-1} fixed; ties go to the temperature closest to 1.
-- `threshold_sweep` (paper Fig. 5): truncate every recorded round at the first slot whose
-  calibrated survival falls below a threshold (the `SurvivalRule`), and separately at the first
-  slot whose raw per-step σ(c_k) falls below p_min (llama.cpp's `--spec-draft-p-min`, `PMinRule`);
+- `threshold_sweep` (paper Fig. 5): cut every recorded round with the engine's own rules: at the
+  first slot whose calibrated survival falls below a threshold (`SurvivalRule`), and separately
+  at the first slot whose raw per-step σ(c_k) falls below p_min (`PMinRule`, llama.cpp's
+  `--spec-draft-p-min`);
   report τ and verified draft tokens per round. With greedy verification a slot's acceptance does
   not depend on later slots, so accepted' = min(accepted, kept) is exact; at T > 0 it is an
   estimate (the verifier's random draws would differ).
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from draftsmith.spec import RoundRecord
+from draftsmith.spec import PMinRule, Proposal, RoundRecord, SurvivalRule
 
 STS_GRID = torch.exp(torch.linspace(math.log(0.05), math.log(20.0), 161, dtype=torch.float64))
 ECE_BINS = 10
@@ -85,17 +86,23 @@ class CalibrationSet:
 # --------------------------------------------------------------------------- metrics
 
 
+def calibration_bins(p: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> list[tuple[float, float, int]]:
+    """Equal-width bins of the predictions: (mean predicted, observed frequency, count) of every
+    non-empty bin (what ECE sums and a reliability diagram draws)."""
+    idx = (p * bins).long().clamp(0, bins - 1)
+    out = []
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            out.append((p[m].mean().item(), y[m].mean().item(), int(m.sum())))
+    return out
+
+
 def ece(p: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
     """Expected calibration error with equal-width bins."""
     if p.numel() == 0:
         return float("nan")
-    idx = (p * bins).long().clamp(0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            total += m.sum().item() * abs(p[m].mean().item() - y[m].mean().item())
-    return total / p.numel()
+    return sum(n * abs(mp - my) for mp, my, n in calibration_bins(p, y, bins)) / p.numel()
 
 
 def brier(p: torch.Tensor, y: torch.Tensor) -> float:
@@ -157,12 +164,7 @@ def fit_sts(data: CalibrationSet, grid: torch.Tensor = STS_GRID) -> list[float]:
 # --------------------------------------------------------------------------- threshold sweeps
 
 
-def _leading(mask: torch.Tensor) -> torch.Tensor:
-    return mask.to(torch.int64).cumprod(dim=1).sum(dim=1)
-
-
 def _sweep_row(kept: torch.Tensor, data: CalibrationSet, threshold: float) -> dict:
-    kept = torch.minimum(kept, data.verified)
     acc = torch.minimum(data.accepted, kept)
     verified = kept.sum().item()
     return {"threshold": threshold, "tau": 1 + acc.double().mean().item(),
@@ -174,26 +176,15 @@ def _sweep_row(kept: torch.Tensor, data: CalibrationSet, threshold: float) -> di
 def threshold_sweep(data: CalibrationSet, temperatures: list[float] | None,
                     thresholds: list[float] = SWEEP_THRESHOLDS) -> dict[str, list[dict]]:
     """{"survival": [...], "p_min": [...]}: offline τ and verified draft tokens per round when
-    each recorded round is truncated by the calibrated survival rule / llama.cpp's raw rule."""
-    surv = data.survival(temperatures)
-    raw = torch.nan_to_num(data.step_probs(None), nan=0.0)
-    return {"survival": [_sweep_row(_leading(surv >= t), data, t) for t in thresholds],
-            "p_min": [_sweep_row(_leading(raw >= t), data, t) for t in thresholds]}
+    each recorded round is cut by the engine's own rules (`SurvivalRule` with the calibrated
+    temperatures, `PMinRule` on raw σ(c_k), as llama.cpp applies it)."""
+    rounds = Proposal(torch.zeros_like(data.verified)[:, None].expand(-1, data.positions), data.verified,
+                      confidence=data.logits)
+    return {"survival": [_sweep_row(SurvivalRule(t, temperatures)(rounds), data, t) for t in thresholds],
+            "p_min": [_sweep_row(PMinRule(t)(rounds), data, t) for t in thresholds]}
 
 
 # --------------------------------------------------------------------------- plots
-
-
-def _reliability_points(p: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS):
-    idx = (p * bins).long().clamp(0, bins - 1)
-    xs, ys, ns = [], [], []
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            xs.append(p[m].mean().item())
-            ys.append(y[m].mean().item())
-            ns.append(int(m.sum()))
-    return xs, ys, ns
 
 
 def plot_reliability(data: CalibrationSet, temperatures: list[float], path: Path) -> None:
@@ -210,8 +201,8 @@ def plot_reliability(data: CalibrationSet, temperatures: list[float], path: Path
         ax.plot([0, 1], [0, 1], color="#999999", lw=1, ls="--")
         for temps, label, color in ((None, "raw", "#d62728"), (temperatures, "STS", "#1f77b4")):
             p, y = data.position(k, temps)
-            xs, ys, ns = _reliability_points(p, y)
-            ax.plot(xs, ys, marker="o", color=color, label=f"{label} (ECE {ece(p, y):.3f})")
+            points = calibration_bins(p, y)
+            ax.plot([x for x, _, _ in points], [o for _, o, _ in points], marker="o", color=color, label=f"{label} (ECE {ece(p, y):.3f})")
         ax.set_title(f"position {k} (T={temperatures[k - 1]:.2f})")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)

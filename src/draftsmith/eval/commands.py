@@ -87,20 +87,27 @@ def parse_drafts(items: list[str]) -> dict[str, str]:
     return drafts
 
 
-def sampling_settings(args, stop_ids: list[int], pad_id: int) -> Settings:
-    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
-                        ("--num-draft-tokens", args.num_draft_tokens)):
-        if value < 1:
-            raise InputError(f"{flag} must be >= 1, got {value}")
+def sampling_config(args) -> SamplingConfig:
+    """--temperature / --top-k / --top-p (and --max-new-tokens >= 1), validated."""
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     try:
-        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     except ValueError as e:
         raise InputError(f"sampling options: {e}") from None
-    return Settings(args.max_new_tokens, sampling, stop_ids, pad_id, args.seed, args.batch_size,
-                    args.num_draft_tokens, getattr(args, "truncate", "none"))
 
 
-def _load_datasets(args) -> list[EvalDataset]:
+def sampling_settings(args, stop_ids: list[int], pad_id: int) -> Settings:
+    for flag, value in (("--batch-size", args.batch_size), ("--num-draft-tokens", args.num_draft_tokens)):
+        if value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+    return Settings(args.max_new_tokens, sampling_config(args), stop_ids, pad_id, args.seed, args.batch_size,
+                    args.num_draft_tokens, args.truncate)
+
+
+def load_datasets(args) -> list[EvalDataset]:
+    """The --datasets of a command (names or JSONL paths, --eval-dir, --max-samples), validated,
+    with their rejected records logged."""
     if args.max_samples is not None and args.max_samples < 1:
         raise InputError(f"--max-samples must be >= 1, got {args.max_samples}")
     specs = split_list(args.datasets)
@@ -158,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     drafts = parse_drafts(args.draft)
     baselines = split_list(args.baselines)
-    datasets = _load_datasets(args)
+    datasets = load_datasets(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_model, source = load_target_model(args.target, DTYPES[args.dtype])

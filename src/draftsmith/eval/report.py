@@ -22,14 +22,14 @@ PLOTS = {
 }
 
 
-def _num(value, fmt: str = "{:.2f}") -> str:
+def fmt_num(value, fmt: str = "{:.2f}") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return fmt.format(value)
 
 
 def _pct(value) -> str:
-    return _num(None if value is None else 100 * value, "{:.0f} %")
+    return fmt_num(None if value is None else 100 * value, "{:.0f} %")
 
 
 def comparison_table(metrics: dict) -> list[str]:
@@ -42,10 +42,10 @@ def comparison_table(metrics: dict) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in drafts.items():
         o = entry["overall"]
-        row = [f"**{name}**"] + [_num(entry["datasets"][ds]["tau"]) for ds in datasets]
-        row += [_num(o["tau"]), _num(o["tau_uncapped"]), _num(o["tau_llama_cpp"]), _pct(o["capped_share"]),
-                _num(o["tokens_per_s"], "{:.1f}"), _num(o["speedup"], "{:.2f}×"),
-                _num(o["decode_tokens_per_s"], "{:.1f}"), _num(o["decode_speedup"], "{:.2f}×"),
+        row = [f"**{name}**"] + [fmt_num(entry["datasets"][ds]["tau"]) for ds in datasets]
+        row += [fmt_num(o["tau"]), fmt_num(o["tau_uncapped"]), fmt_num(o["tau_llama_cpp"]), _pct(o["capped_share"]),
+                fmt_num(o["tokens_per_s"], "{:.1f}"), fmt_num(o["speedup"], "{:.2f}×"),
+                fmt_num(o["decode_tokens_per_s"], "{:.1f}"), fmt_num(o["decode_speedup"], "{:.2f}×"),
                 "–" if o["mismatches"] is None else f"{o['mismatches']}/{o['compared']}"]
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -59,9 +59,9 @@ def round_table(metrics: dict) -> list[str]:
     for name, entry in metrics["drafts"].items():
         o = entry["overall"]
         lines.append("| " + " | ".join([
-            name, str(o["rounds"]), _num(o["mean_draft_len"]), _pct(o["acceptance_rate"]),
-            _num(o["draft_ms_per_round"], "{:.1f}"), _num(o["verify_ms_per_round"], "{:.1f}"),
-            _num(o["verify_rate"], "{:.0f}"), str(o["empty_rounds"])]) + " |")
+            name, str(o["rounds"]), fmt_num(o["mean_draft_len"]), _pct(o["acceptance_rate"]),
+            fmt_num(o["draft_ms_per_round"], "{:.1f}"), fmt_num(o["verify_ms_per_round"], "{:.1f}"),
+            fmt_num(o["verify_rate"], "{:.0f}"), str(o["empty_rounds"])]) + " |")
     return lines
 
 
@@ -70,7 +70,7 @@ def _mismatch_lines(metrics: dict) -> list[str]:
     for name, entry in metrics["drafts"].items():
         for ds, m in entry["datasets"].items():
             for d in m.get("mismatch_details") or []:
-                gap = _num(d.get("top2_gap"), "{:.3g}")
+                gap = fmt_num(d.get("top2_gap"), "{:.3g}")
                 lines.append(f"- {name} / {ds}: record {d.get('record')} turn {d.get('turn')}: first "
                              f"difference at generated token {d['position']}, target top-2 logit gap {gap}")
     return lines
@@ -84,7 +84,7 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
                   f"{', '.join(info.get('datasets', {}))}, temperature {info.get('temperature')}, "
                   f"max new tokens {info.get('max_new_tokens')}, max samples {info.get('max_samples')}, "
                   f"batch size {info.get('batch_size')}, seed {info.get('seed')}, "
-                  f"{info.get('threads')} threads, wall time {_num(metrics.get('wall_s'), '{:.0f}')} s.", ""]
+                  f"{info.get('threads')} threads, wall time {fmt_num(metrics.get('wall_s'), '{:.0f}')} s.", ""]
     lines += ["## Comparison", ""] + comparison_table(metrics) + [""]
     lines += [
         "τ counts the bonus token (accepted + 1 per round; an EOS-terminated round counts only what "
@@ -131,7 +131,7 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], colors:
         ys = [v if v is not None else 0.0 for v in values]
         bars = ax.bar(xs, ys, width, label=name, color=colors[k])
         for bar, v in zip(bars, values):
-            ax.annotate(_num(v, "{:.2f}" if max(ys + [0]) < 10 else "{:.0f}"),
+            ax.annotate(fmt_num(v, "{:.2f}" if max(ys + [0]) < 10 else "{:.0f}"),
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(groups)), groups)
@@ -181,7 +181,7 @@ def _plot_speed(plt, metrics: dict, path: Path) -> None:
     drafts = metrics["drafts"]
     datasets = list(next(iter(drafts.values()))["datasets"])
     groups = datasets + ["overall"]
-    series = {f"{n} ({_num(e['overall']['speedup'], '{:.2f}×')})":
+    series = {f"{n} ({fmt_num(e['overall']['speedup'], '{:.2f}×')})":
               [e["datasets"][ds]["tokens_per_s"] for ds in datasets] + [e["overall"]["tokens_per_s"]]
               for n, e in drafts.items()}
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups) + 2), 4))

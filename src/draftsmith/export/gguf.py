@@ -21,7 +21,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 from torch import nn
@@ -195,9 +194,6 @@ def serve_once(draft_gguf: str | Path, target_gguf: str | Path, manifest: dict,
     LlamaCppError when the server does not load the pair."""
     args = ["-md", str(draft_gguf), *manifest["serve"]["llama_server_args"]]
     with llama_cpp.LlamaServer(target_gguf, ctx_size=ctx_size, seed=0, extra_args=args) as server:
-        body = json.dumps({"prompt": prompt, "temperature": 0, "max_tokens": max_tokens}).encode()
-        req = urllib.request.Request(server.base_url + "/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            reply = json.loads(r.read())
+        reply = server.post_json("/v1/completions", {"prompt": prompt, "temperature": 0,
+                                                     "max_tokens": max_tokens}, timeout=120)
     return {"reply": reply, "log": server.log_text()}

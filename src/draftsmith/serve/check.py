@@ -23,16 +23,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 
 from draftsmith.engines import llama_cpp
-from draftsmith.eval.datasets import load_dataset, render_prompt, split_list, stop_token_ids
+from draftsmith.eval.commands import load_datasets
+from draftsmith.eval.datasets import render_prompt, split_list, stop_token_ids
 from draftsmith.eval.metrics import Tally, json_safe
 from draftsmith.eval.runner import Settings, build_decoders
 from draftsmith.export import export, resolve_draft_dir
@@ -75,12 +74,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- the server side
 
 
-def read_counters(base_url: str) -> dict[str, float]:
+def read_counters(server: llama_cpp.LlamaServer) -> dict[str, float]:
     """The speculative-decoding counters of llama-server's Prometheus `/metrics`."""
-    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
     values = {}
-    for line in text.splitlines():
+    for line in server.get_text("/metrics").splitlines():
         name, _, value = line.partition(" ")
         for key, metric in COUNTERS.items():
             if name == metric:
@@ -88,13 +85,10 @@ def read_counters(base_url: str) -> dict[str, float]:
     return {k: values.get(k, 0.0) for k in COUNTERS}
 
 
-def complete(base_url: str, prompt: list[int], max_tokens: int) -> dict:
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "top_k": 1,
-                       "cache_prompt": False, "return_tokens": True}).encode()
-    req = urllib.request.Request(base_url + "/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=1800) as r:
-        return json.loads(r.read())
+def complete(server: llama_cpp.LlamaServer, prompt: list[int], max_tokens: int) -> dict:
+    """One greedy completion of a token-id prompt through the OpenAI endpoint."""
+    return server.post_json("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                                "top_k": 1, "cache_prompt": False}, timeout=1800)
 
 
 def serve_prompts(target_gguf: Path, extra_args: list[str], prompts: dict[str, list[list[int]]],
@@ -108,11 +102,11 @@ def serve_prompts(target_gguf: Path, extra_args: list[str], prompts: dict[str, l
             wall = decode_ms = 0.0
             requests = []
             for ids in items:
-                before = read_counters(srv.base_url)
+                before = read_counters(srv)
                 tic = time.perf_counter()
-                reply = complete(srv.base_url, ids, max_tokens)
+                reply = complete(srv, ids, max_tokens)
                 seconds = time.perf_counter() - tic
-                after = read_counters(srv.base_url)
+                after = read_counters(srv)
                 d = {k: after[k] - before[k] for k in COUNTERS}
                 timings = reply.get("timings", {})
                 n = int(reply.get("usage", {}).get("completion_tokens", timings.get("predicted_n", 0)))
@@ -148,13 +142,13 @@ def spec_args(manifest: dict, n_max: int | None, p_min: float | None) -> list[st
 # --------------------------------------------------------------------------- the offline side
 
 
-def offline_tau(args, draft_dir: Path, target: str, prompts: dict[str, list[list[int]]], p_min) -> dict:
+def offline_tau(args, draft_dir: Path, target: str, tokenizer, prompts: dict[str, list[list[int]]],
+                p_min) -> dict:
     """τ of draftsmith's engine on the same prompt tokens (T = 0, fp32), counted llama.cpp's way."""
     if args.threads:
         torch.set_num_threads(args.threads)
     hf, source = load_target_model(target, torch.float32)
-    tok = load_tokenizer(source)
-    stops = stop_token_ids(tok, hf.config, getattr(hf, "generation_config", None))
+    stops = stop_token_ids(tokenizer, hf.config, getattr(hf, "generation_config", None))
     truncate = f"p-min={p_min}" if p_min is not None else "none"
     settings = Settings(args.max_new_tokens, SamplingConfig(), stops, stops[0], truncate=truncate)
     decoder = build_decoders(hf, {"draft": str(draft_dir)}, [], settings, source)[-1]
@@ -173,13 +167,13 @@ def offline_tau(args, draft_dir: Path, target: str, prompts: dict[str, list[list
 
 
 def _prompts(args, tokenizer) -> dict[str, list[list[int]]]:
-    prompts = {}
-    for spec in split_list(args.datasets):
-        ds = load_dataset(spec, args.eval_dir, args.max_samples)
-        prompts[ds.name] = [render_prompt(tokenizer, record[:1], []) for record in ds.records]
-    if not prompts:
-        raise InputError("--datasets: no dataset given")
-    return prompts
+    """First turn of every record, rendered with the target's chat template, as token ids."""
+    return {ds.name: [render_prompt(tokenizer, record[:1], []) for record in ds.records]
+            for ds in load_datasets(args)}
+
+
+def _speedup(tokens_per_s, plain_tokens_per_s):
+    return tokens_per_s / plain_tokens_per_s if tokens_per_s and plain_tokens_per_s else None
 
 
 def table(result: dict) -> list[str]:
@@ -223,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         plain = serve_prompts(target_gguf, [], prompts, args.max_new_tokens, args.ctx_size, bar.update)
         peer_runs = {p: serve_prompts(target_gguf, ["--spec-type", p], prompts, args.max_new_tokens,
                                       args.ctx_size, bar.update) for p in peers}
-    offline = offline_tau(args, draft_dir, target, prompts, p_min)
+    offline = offline_tau(args, draft_dir, target, tokenizer, prompts, p_min)
     result = {"config": {"draft": str(draft_dir), "target": target, "target_gguf": str(target_gguf),
                          "llama_server_args": draft_args, "max_new_tokens": args.max_new_tokens,
                          "max_samples": args.max_samples, "tolerance": args.tolerance,
@@ -232,8 +226,7 @@ def run(args: argparse.Namespace) -> int:
     failures = []
     for ds in prompts:
         m = {**served[ds], **offline[ds], "plain_tokens_per_s": plain[ds]["served_tokens_per_s"]}
-        m["speedup"] = (m["served_tokens_per_s"] / m["plain_tokens_per_s"]
-                        if m["served_tokens_per_s"] and m["plain_tokens_per_s"] else None)
+        m["speedup"] = _speedup(m["served_tokens_per_s"], m["plain_tokens_per_s"])
         s, o = m["served_tau"], m["offline_tau"]
         m["parity"] = None if s is None or o is None else abs(s - o) / o
         m["parity_ok"] = m["parity"] is not None and m["parity"] <= args.tolerance
@@ -243,8 +236,7 @@ def run(args: argparse.Namespace) -> int:
     for name, runs in peer_runs.items():
         result["peers"][name] = {"datasets": {
             ds: {**r, "plain_tokens_per_s": plain[ds]["served_tokens_per_s"],
-                 "speedup": (r["served_tokens_per_s"] / plain[ds]["served_tokens_per_s"]
-                             if r["served_tokens_per_s"] and plain[ds]["served_tokens_per_s"] else None)}
+                 "speedup": _speedup(r["served_tokens_per_s"], plain[ds]["served_tokens_per_s"])}
             for ds, r in runs.items()}}
     result["peers"]["plain"] = {"datasets": {ds: {**r, "plain_tokens_per_s": r["served_tokens_per_s"], "speedup": 1.0}
                                              for ds, r in plain.items()}}

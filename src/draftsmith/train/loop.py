@@ -137,7 +137,6 @@ def train_step(step: int, s: Setup, recipe: Recipe, objective, params, info: Dis
     """One optimizer step's forward/backward over this rank's micro-batches; returns metrics.
     p_t is computed when a loss term needs it (DSpark L1, Eagle3 soft CE) and otherwise (DFlash)
     only every `train.target_metrics_every` steps, for the train/tau_sim and c* metrics."""
-    objective.config.target_metrics = step % recipe.train.target_metrics_every == 0
     plan = step_samples(step, len(s.data.train), recipe.train.global_batch, recipe.train.seed)
     mine = plan[info.rank::info.world]
     mb = recipe.train.micro_batch
@@ -149,12 +148,14 @@ def train_step(step: int, s: Setup, recipe: Recipe, objective, params, info: Dis
                                _num_anchors(s)))
     den = reduce_denominators([objective.denominators(b) for b in batches], all_reduce_sum)
     sums, tau, counts = _accumulate(objective, batches, den, backward=True,
-                                    autocast=lambda: _autocast(recipe, info))
+                                    autocast=lambda: _autocast(recipe, info),
+                                    target_metrics=step % recipe.train.target_metrics_every == 0)
     all_reduce_grads(params)
     return _step_metrics(objective, sums, den, tau, counts, len(plan))
 
 
-def _accumulate(objective, batches, den, backward: bool, autocast=contextlib.nullcontext):
+def _accumulate(objective, batches, den, backward: bool, autocast=contextlib.nullcontext,
+                target_metrics: bool = True):
     """Run the objective over micro-batches with the shared denominators `den`: summed term
     numerators, τ stats and [supervised slots, supervised blocks] (backward per micro-batch when
     training)."""
@@ -163,7 +164,7 @@ def _accumulate(objective, batches, den, backward: bool, autocast=contextlib.nul
     blocks = torch.zeros((), device=batches[0].input_ids.device)
     for b in batches:
         with autocast():  # forward only: backward runs outside autocast
-            parts: LossParts = objective(b, den)
+            parts: LossParts = objective(b, den, target_metrics)
         if backward:
             parts.loss.backward()
         for k, v in parts.sums.items():
@@ -207,7 +208,6 @@ def evaluate(s: Setup, recipe: Recipe, objective, info: DistInfo, held_feats) ->
     """Held-out loss parts and simulated τ (teacher-forced, T = 1), on rank 0's copy."""
     if not held_feats:
         return {}
-    objective.config.target_metrics = True
     mb = recipe.train.micro_batch
     batches = [collate(held_feats[i: i + mb], [EVAL_EPOCH] * len(held_feats[i: i + mb]), recipe,
                        recipe.drafter, info.device, _num_anchors(s)) for i in range(0, len(held_feats), mb)]

@@ -337,10 +337,12 @@ class BlockObjective:
     def has_confidence(self) -> bool:
         return getattr(self.module, "confidence_head", None) is not None
 
-    def needs_target(self) -> bool:
-        """Whether p_t is computed: for a loss term that needs it, or for the metrics."""
+    def needs_target(self, target_metrics: bool | None = None) -> bool:
+        """Whether p_t is computed: for a loss term that needs it, or for the metrics
+        (`target_metrics`, default the config's)."""
         w = self.loss_weights
-        return (self.config.target_metrics or w.l1 > 0 or w.soft_ce > 0
+        metrics = self.config.target_metrics if target_metrics is None else target_metrics
+        return (metrics or w.l1 > 0 or w.soft_ce > 0
                 or (self.has_confidence and w.bce > 0))
 
     def blocks(self, batch: TrainBatch) -> Blocks:
@@ -361,13 +363,14 @@ class BlockObjective:
         """This micro-batch's denominators (sum them over micro-batches and ranks)."""
         return self.blocks(batch).denominators()
 
-    def __call__(self, batch: TrainBatch, denominators: dict[str, torch.Tensor] | None = None
-                 ) -> LossParts:
+    def __call__(self, batch: TrainBatch, denominators: dict[str, torch.Tensor] | None = None,
+                 target_metrics: bool | None = None) -> LossParts:
         """Loss and metrics of one (micro-)batch; `denominators` = the global ones
-        (`reduce_denominators`), default this batch's own."""
+        (`reduce_denominators`), default this batch's own; `target_metrics` overrides the
+        config's (p_t for the metrics when no loss term needs it)."""
         blocks = self.blocks(batch)
         den = blocks.denominators() if denominators is None else denominators
-        with_target = self.needs_target()
+        with_target = self.needs_target(target_metrics)
         if with_target and (batch.target_hidden is None or self.target_head is None):
             raise ValueError("this objective needs the target head and batch.target_hidden (the "
                              "target's normed last hidden); or target_metrics=false with no term using p_t")
