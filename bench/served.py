@@ -35,12 +35,11 @@ import sys
 from pathlib import Path
 
 from draftsmith.engines import llama_cpp
-from draftsmith.eval.commands import load_datasets
-from draftsmith.eval.datasets import render_prompt, split_list
+from draftsmith.eval.datasets import split_list
 from draftsmith.eval.metrics import json_safe
-from draftsmith.export import export, resolve_draft_dir
+from draftsmith.export import resolve_draft_dir
 from draftsmith.export import gguf as gguf_export
-from draftsmith.export.manifest import describe_target, read_manifest
+from draftsmith.export.manifest import describe_target
 from draftsmith.serve import check
 from draftsmith.target.model import load_tokenizer
 from draftsmith.utils.io import InputError, atomic_write_json
@@ -83,19 +82,6 @@ def batch_cost(target_gguf: Path, ctx_tokens: int = 200, sizes=(1, 2, 3, 4, 5, 6
                                           "cache_prompt": True, "ignore_eos": True}, timeout=300)["timings"]
         out["decode_step_ms"] = t["predicted_per_token_ms"]
     return out
-
-
-def prompts_for(args, tokenizer) -> dict[str, list[list[int]]]:
-    return {ds.name: [render_prompt(tokenizer, record[:1], []) for record in ds.records]
-            for ds in load_datasets(args)}
-
-
-def export_draft(name: str, path: str, options: dict, target: str | None, out: Path) -> tuple[Path, dict]:
-    dtype = options.get("dtype", "fp16")
-    extra = {"serve": {"p_min": options["p_min"]}} if "p_min" in options else None
-    gguf_dir = export(resolve_draft_dir(path), "gguf", out / f"{name}-gguf", target=target, dtype=dtype,
-                      manifest_extra=extra)
-    return gguf_dir, read_manifest(gguf_dir)
 
 
 def summarize(runs: dict, plain: dict, drafts: set[str]) -> dict:
@@ -149,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     configs = {}
     target = args.target
     for name, path, options in drafts:
-        gguf_dir, manifest = export_draft(name, path, options, target, out)
+        manifest, configs[name] = check.export_for_serving(
+            resolve_draft_dir(path), out / f"{name}-gguf", target, options.get("dtype", "fp16"),
+            options.get("n_max"), options.get("p_min"))
         target = target or manifest["target"]["id"]
-        configs[name] = ["-md", str(gguf_dir / gguf_export.GGUF_FILE),
-                         *check.spec_args(manifest, options.get("n_max"), options.get("p_min"))]
     target = target or "smollm2-135m"
     for peer in split_list(args.peers):
         if peer not in check.PEERS:
@@ -160,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         configs[peer] = ["--spec-type", peer]
     info = describe_target(target)
     target_gguf = gguf_export.target_gguf(info, args.target_type)
-    prompts = prompts_for(args, load_tokenizer(info.source))
+    prompts = check.first_turn_prompts(args, load_tokenizer(info.source))
     print(f"target {target_gguf.name}; {sum(map(len, prompts.values()))} prompts; "
           f"max_new_tokens {args.max_new_tokens}", flush=True)
     result = {"config": {"target_gguf": str(target_gguf), "datasets": list(prompts),

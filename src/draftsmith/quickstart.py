@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from draftsmith.utils.plots import pyplot, save
+
 SHARED_REGEN = Path("..") / "shared" / "data" / "sharegpt-smollm2-regen.jsonl"  # beside the clone
 SHARED_EVAL = Path("..") / "shared" / "eval"
 
@@ -95,10 +97,7 @@ def _train_stage(out: Path, data: Path, args) -> list[str]:
 
 def _plot_curve(evals: list[dict], path: Path) -> None:
     """Held-out simulated τ against the optimizer step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([m["step"] for m in evals], [m["eval/tau_sim"] for m in evals], marker="o")
@@ -106,9 +105,7 @@ def _plot_curve(evals: list[dict], path: Path) -> None:
     ax.set_ylabel("held-out simulated τ")
     ax.set_title("DSpark training (eval/tau_sim)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _eval_source(args, held: Path) -> list[str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from draftsmith.spec import PMinRule, Proposal, RoundRecord, SurvivalRule
+from draftsmith.utils.plots import pyplot, save
 
 STS_GRID = torch.exp(torch.linspace(math.log(0.05), math.log(20.0), 161, dtype=torch.float64))
 ECE_BINS = 10
@@ -189,10 +190,7 @@ def threshold_sweep(data: CalibrationSet, temperatures: list[float] | None,
 
 def plot_reliability(data: CalibrationSet, temperatures: list[float], path: Path) -> None:
     """One panel per position: observed survival against predicted, before and after STS."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     K = data.positions
     fig, axes = plt.subplots(1, K, figsize=(3.2 * K, 3.4), squeeze=False)
@@ -210,17 +208,12 @@ def plot_reliability(data: CalibrationSet, temperatures: list[float], path: Path
         if k == 1:
             ax.set_ylabel("observed P[accepted ≥ k]")
         ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_sweep(sweep: dict[str, list[dict]], path: Path) -> None:
     """τ and verified draft tokens per round against the threshold, for both rules."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
     for rule, label, color in (("survival", "calibrated survival ≥ t", "#1f77b4"),
@@ -233,6 +226,4 @@ def plot_sweep(sweep: dict[str, list[dict]], path: Path) -> None:
     a2.set_xlabel("threshold")
     a2.set_ylabel("verified draft tokens / round")
     a1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from draftsmith.utils.io import atomic_write_text
+from draftsmith.utils.plots import pyplot, save
 
 PLOTS = {
     "tau": "tau_per_dataset.png",
@@ -149,9 +150,7 @@ def _plot_tau(plt, metrics: dict, path: Path) -> None:
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="plain (τ = 1)")
     ax.set_ylabel("τ (accepted + bonus per round)")
     ax.set_title("τ per dataset")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _plot_acceptance(plt, metrics: dict, path: Path) -> None:
@@ -172,9 +171,7 @@ def _plot_acceptance(plt, metrics: dict, path: Path) -> None:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _plot_speed(plt, metrics: dict, path: Path) -> None:
@@ -188,17 +185,12 @@ def _plot_speed(plt, metrics: dict, path: Path) -> None:
     _grouped_bars(ax, groups, series, [_colors(metrics)[n] for n in drafts])
     ax.set_ylabel("generated tokens / s (prefill included)")
     ax.set_title("tokens/s (legend: overall speedup over plain)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def write_plots(metrics: dict, out_dir: Path) -> dict[str, str]:
     """Write the PNGs into out_dir -> {plot key: file name}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     _plot_tau(plt, metrics, out_dir / PLOTS["tau"])
     _plot_acceptance(plt, metrics, out_dir / PLOTS["acceptance"])

@@ -171,8 +171,9 @@ def offline_tau(args, draft_dir: Path, target: str, tokenizer, prompts: dict[str
 # --------------------------------------------------------------------------- the command
 
 
-def _prompts(args, tokenizer) -> dict[str, list[list[int]]]:
-    """First turn of every record, rendered with the target's chat template, as token ids."""
+def first_turn_prompts(args, tokenizer) -> dict[str, list[list[int]]]:
+    """First turn of every record of `args.datasets`, rendered with the target's chat template,
+    as token ids."""
     return {ds.name: [render_prompt(tokenizer, record[:1], []) for record in ds.records]
             for ds in load_datasets(args)}
 
@@ -196,20 +197,28 @@ def table(result: dict) -> list[str]:
     return lines
 
 
+def export_for_serving(draft_dir: Path, out_dir: Path, target: str | None, dtype: str = "fp16",
+                       n_max: int | None = None, p_min: float | None = None) -> tuple[dict, list[str]]:
+    """Export the draft to GGUF in `out_dir` (p_min recorded in its manifest) -> (manifest, the
+    llama-server arguments that serve it: `-md` plus the manifest's spec flags with overrides)."""
+    extra = {"serve": {"p_min": p_min}} if p_min is not None else None
+    gguf_dir = export(draft_dir, "gguf", out_dir, target=target, dtype=dtype, manifest_extra=extra)
+    manifest = read_manifest(gguf_dir)
+    return manifest, ["-md", str(gguf_dir / gguf_export.GGUF_FILE), *spec_args(manifest, n_max, p_min)]
+
+
 def run(args: argparse.Namespace) -> int:
     draft_dir = resolve_draft_dir(args.draft)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    extra = {"serve": {"p_min": args.p_min}} if args.p_min is not None else None
-    gguf_dir = export(draft_dir, "gguf", out / "draft-gguf", target=args.target, dtype="fp16", manifest_extra=extra)
-    manifest = read_manifest(gguf_dir)
+    manifest, draft_args = export_for_serving(draft_dir, out / "draft-gguf", args.target,
+                                              n_max=args.n_max, p_min=args.p_min)
     target = args.target or manifest["target"]["id"]
     info = describe_target(target)
     target_gguf = gguf_export.target_gguf(info, args.target_type)
     tokenizer = load_tokenizer(info.source)
-    prompts = _prompts(args, tokenizer)
+    prompts = first_turn_prompts(args, tokenizer)
     p_min = args.p_min if args.p_min is not None else manifest["serve"].get("p_min")
-    draft_args = ["-md", str(gguf_dir / gguf_export.GGUF_FILE), *spec_args(manifest, args.n_max, args.p_min)]
     peers = split_list(args.peers)
     for peer in peers:
         if peer not in PEERS:
