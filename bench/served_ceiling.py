@@ -38,18 +38,14 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def first_turns(src: Path, n: int, dest: Path) -> None:
-    """The first `n` records' first turns as conversations with ids (the regenerate input)."""
-    rows = []
-    with src.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if len(rows) == n:
-                break
-            rec = json.loads(line)
-            turns = rec.get("turns")
-            if not turns or not isinstance(turns[0], str):
-                raise SystemExit(f"{src}:{line_no}: field 'turns' must be a non-empty list of strings")
-            rows.append({"id": f"{src.stem}_{line_no}", "conversations": [{"role": "user", "content": turns[0]}]})
+def first_turns(dataset: str, eval_dir: str, n: int, dest: Path) -> None:
+    """The dataset's first `n` usable records (eval's own loader: the same records `bench/served.py`
+    serves with `--max-samples n`), first turns only, as conversations with ids (regenerate's input)."""
+    from draftsmith.eval.datasets import load_dataset
+
+    data = load_dataset(dataset, eval_dir, n)
+    rows = [{"id": f"{data.name}_{i}", "conversations": [{"role": "user", "content": turns[0]}]}
+            for i, turns in enumerate(data.records)]
     dest.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -65,7 +61,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cli = str(Path(sys.executable).with_name("draftsmith"))
     prompts, answers, run_dir = out / "prompts.jsonl", out / "answers.jsonl", out / "run"
-    first_turns(Path(args.eval_dir) / f"{args.dataset}.jsonl", args.n, prompts)
+    first_turns(args.dataset, args.eval_dir, args.n, prompts)
     run([cli, "data", "regenerate", "--in", str(prompts), "--out", str(answers), "--engine", "llama-cpp",
          "--target", "smollm2-135m", "--temperature", "0", "--max-tokens", "256", "--no-progress"])
     run([cli, "train", "--recipe", "smollm2-135m/dspark", "--data", str(answers), "--heldout", str(answers),
