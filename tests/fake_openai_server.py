@@ -10,6 +10,8 @@ Behaviour is steered by markers in the *last user message*:
   `[[status:500:2]]`  answer 500 to the first 2 requests with these messages, then normally;
   `[[hang]]`          do not answer for `state.hang_seconds` (a timeout for the client);
   `[[length]]`        answer with `finish_reason: "length"`;
+  `[[empty]]`         answer 200 with `content: ""` (`[[null]]`: `content: null`);
+  `[[empty:2]]`       answer empty to the first 2 requests with these messages, then normally;
 `crash()` makes the server die mid-run (no answer on open connections, new ones refused).
 and by `state`: `delay` (seconds per request), `status_by_text` (substring of the last user
 message -> HTTP status, changeable between runs), `model`, `models_status` (HTTP status of
@@ -33,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 MARK_STATUS = re.compile(r"\[\[status:(\d{3})(?::(\d+))?\]\]")
+MARK_EMPTY = re.compile(r"\[\[(empty|null)(?::(\d+))?\]\]")
 
 
 def last_user(messages: list[dict]) -> str:
@@ -142,10 +145,25 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if mark.group(2) is None:
             return int(mark.group(1))
-        key = json.dumps(messages, sort_keys=True)
+        return int(mark.group(1)) if self._nth("status", messages) <= int(mark.group(2)) else None
+
+    def _nth(self, kind: str, messages: list[dict]) -> int:
+        """How many requests with these messages asked for a `kind` marker so far (this one too)."""
+        st = self.state
+        key = kind + json.dumps(messages, sort_keys=True)
         with st.lock:
             st.seen[key] = st.seen.get(key, 0) + 1
-            return int(mark.group(1)) if st.seen[key] <= int(mark.group(2)) else None
+            return st.seen[key]
+
+    def _empty_content(self, messages: list[dict]) -> tuple[bool, str | None]:
+        """(answer empty?, which empty content: "" or None) forced by `[[empty]]`/`[[null]]`."""
+        mark = MARK_EMPTY.search(last_user(messages))
+        if mark is None:
+            return False, None
+        content = "" if mark.group(1) == "empty" else None
+        if mark.group(2) is None:
+            return True, content
+        return self._nth("empty", messages) <= int(mark.group(2)), content
 
     def _chat(self, body: dict) -> tuple[int, dict]:
         st = self.state
@@ -158,14 +176,17 @@ class _Handler(BaseHTTPRequestHandler):
         if status is not None:
             return status, {"error": {"code": status, "message": f"forced status {status}"}}
         content, finish = answer_for(messages, body.get("seed"), body.get("max_tokens"))
+        empty, empty_content = self._empty_content(messages)
+        if empty:
+            content = empty_content
         return 200, {
             "id": f"chatcmpl-{time.monotonic_ns()}",
             "object": "chat.completion",
             "model": body.get("model", st.model),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": finish}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": len(content.split()),
-                      "total_tokens": 1 + len(content.split())},
+            "usage": {"prompt_tokens": 1, "completion_tokens": len((content or "").split()),
+                      "total_tokens": 1 + len((content or "").split())},
         }
 
 

@@ -109,3 +109,25 @@ def test_calibration_file_round_trip_and_errors(tmp_path):
                                                '"decoding_temperature": 0, "sts_temperatures": [0]}')
     with pytest.raises(InputError, match="sts_temperatures"):
         load_calibration(tmp_path)
+
+
+def test_calibrate_checks_its_arguments_before_loading_the_target(tmp_path, monkeypatch, capsys):
+    from draftsmith.cli import main
+    from draftsmith.eval import calibrate
+    from draftsmith.models.dflash import DFlashConfig
+    from draftsmith.models.io import build_draft, save_draft
+    from tiny_targets import tiny_target
+
+    def no_load(*a, **k):
+        raise AssertionError("the target was loaded before the arguments were checked")
+
+    monkeypatch.setattr(calibrate, "load_target_model", no_load)
+    hf = tiny_target("llama", seed=0, vocab_size=64)
+    cfg = DFlashConfig.from_target(hf.config, num_hidden_layers=1, block_size=3, mask_token_id=5,
+                                   target_layer_ids=[0, 2], num_anchors=4)
+    draft = save_draft(build_draft(cfg).init_from_target(hf, None), tmp_path / "dflash")
+    (tmp_path / "file").write_text("x")
+    for out, needle in ((tmp_path / "file", "--out"), (tmp_path / "o", "needs a DSpark draft with a confidence")):
+        rc = main(["calibrate", "--draft", str(draft), "--target", "unused", "--datasets", "x.jsonl",
+                   "--out", str(out)])
+        assert rc == 2 and needle in capsys.readouterr().err

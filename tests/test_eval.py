@@ -367,3 +367,11 @@ def test_calibrate_then_truncated_eval_stays_lossless(world, eval_dir, tmp_path)
                                    "survival=0.5", "--no-progress", "--out", str(tmp_path / "x")]))
     with pytest.raises(InputError, match="expected none"):
         commands.run(eval_args(world, eval_dir, tmp_path / "y", "--truncate", "sometimes"))
+
+
+def test_help_shows_max_new_tokens_and_batch_size_defaults():
+    p = argparse.ArgumentParser()
+    commands.add_args(p)
+    text = " ".join(p.format_help().split())
+    assert "per answer (per turn) (default: 256)" in text
+    assert "prompts decoded together (default: 1)" in text

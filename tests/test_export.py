@@ -106,6 +106,9 @@ def outputs(model, seed: int = 1) -> list[torch.Tensor]:
 
 
 def assert_same_outputs(original, imported, dtype=torch.bfloat16) -> None:
+    """Bitwise: the export stores the original's weights cast to `dtype`, so both models hold the
+    same bytes and run the same kernels on the same inputs in this process (whatever those
+    kernels are on this CPU: AMX or emulated bf16)."""
     want = outputs(original.to(dtype))
     got = outputs(imported)
     assert imported.fc.weight.dtype == dtype
@@ -384,7 +387,7 @@ def test_strict_key_check_rejects_conditional_keys_out_of_place(tmp_path, hf_tar
     zlab = make_draft(tmp_path, hf_target, target_dir, "dflash", "zp", vocab=50,
                       slot_semantics="zlab")
     with pytest.raises(InputError, match="no LM head of its own"):
-        export(zlab, "gguf", tmp_path / "zp")
+        export(zlab, "gguf", tmp_path / "zp-gguf")  # not "zp": that is the draft's run dir
 
 
 @pytest.mark.parametrize("overrides,reason", [
@@ -425,7 +428,7 @@ def test_cli_export(tmp_path, hf_target, target_dir, capsys):
     assert "target_layer_ids = [0, 2]" in text and "--spec-draft-p-min 0.3" in text
     assert read_manifest(tmp_path / "out")["serve"]["p_min"] == 0.3
     export(src, "deepspec", tmp_path / "out", dtype="fp32")  # an earlier export is replaced
-    with pytest.raises(InputError, match="not a draftsmith export"):
+    with pytest.raises(InputError, match="not written by draftsmith"):
         export(src, "deepspec", src.parent)  # a training run dir never is
 
 

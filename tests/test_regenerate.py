@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -529,3 +530,68 @@ def test_reasoning_content_is_kept_on_the_message():
     assert (result.content, result.reasoning, result.completion_tokens) == ("42", "think", 5)
     with pytest.raises(ValueError, match="not a chat completion"):
         parse_chat_response({"choices": []})
+
+
+# --------------------------------------------------------------------------- issue 13
+
+
+def test_empty_or_null_answers_are_retried_errors(server, tmp_path):
+    records = [single("a"), single("empty", "say nothing [[empty]]"),
+               single("null", "say null [[null]]"), single("once", "empty once [[empty:1]]"),
+               single("e")]
+    out = tmp_path / "o.jsonl"
+    summary = regenerate(write_input(tmp_path / "in.jsonl", records), out, [server.url], PARAMS,
+                         retry=FAST)
+    assert [r["id"] for r in read_jsonl(out)] == ["a", "once", "e"]
+    assert read_jsonl(out)[1]["conversations"] == expected_conversation(records[3])
+    errors = read_jsonl(Path(f"{out}.errors.jsonl"))
+    assert [e["id"] for e in errors] == ["empty", "null"]
+    assert all("empty answer" in e["reason"] and e["attempts"] == 3 and e["turn"] == 1
+               for e in errors)
+    asked = [r["messages"][-1]["content"] for r in server.state.requests]
+    assert asked.count("say nothing [[empty]]") == asked.count("say null [[null]]") == 3
+    assert asked.count("empty once [[empty:1]]") == 2
+    assert (summary.succeeded, summary.failed, summary.exit_code) == (3, 2, 3)
+    assert_reconciles(summary)
+
+
+def test_failure_warning_is_grammatical_and_omits_nothing_to_retry(server, tmp_path, capsys):
+    def warning(*lines: str) -> str:
+        inp = write_input(tmp_path / "in.jsonl", list(lines))
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}.jsonl"
+        code = run(cli_args("--in", str(inp), "--out", str(out), "--endpoint", server.url,
+                            "--no-progress", "--retries", "0"))
+        assert code == 3
+        return " ".join(capsys.readouterr().err.split())
+
+    ok, broken = json.dumps(single("ok")), json.dumps(single("b", "x [[status:400]]"))
+    only_bad = warning(ok, "{not json")
+    assert "1 record failed (1 bad input line)" in only_bad
+    assert "retries" not in only_bad and "other 0" not in only_bad
+    one_retry = warning(ok, broken)
+    assert "1 record failed," in one_retry and "bad input" not in one_retry
+    assert "rerunning the same command retries it" in one_retry
+    mixed = warning(ok, broken, "{not json", "[]")
+    assert "3 records failed (2 bad input lines)" in mixed
+    assert "rerunning the same command retries the other 1" in mixed
+
+
+def test_http_requests_are_not_logged_unless_verbose(server, tmp_path, caplog):
+    inp = write_input(tmp_path / "in.jsonl", [single("a")])
+    caplog.set_level(logging.INFO)
+    args = cli_args("--in", str(inp), "--out", str(tmp_path / "o.jsonl"), "--endpoint",
+                    server.url, "--no-progress")
+    assert run(args) == 0
+    assert not [r for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
+    caplog.clear()
+    args.verbose, args.out = True, str(tmp_path / "o2.jsonl")
+    assert run(args) == 0
+    assert [r for r in caplog.records if r.name.startswith("httpx")]
+    assert logging.getLogger("httpx").level == logging.NOTSET  # restored after the run
+
+
+def test_help_shows_retry_and_timeout_defaults():
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    text = " ".join(parser.format_help().split())
+    assert "(default: 3)" in text and "(default: 600.0)" in text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from draftsmith.target.model import TargetModel, check_layer_ids, load_hf_model, load_target_model
-from draftsmith.target.resolve import resolve_target
+from draftsmith.target.resolve import TargetSource, resolve_target
 from draftsmith.utils.io import InputError
 from tiny_targets import tiny_target
 
@@ -36,6 +36,7 @@ def test_features_equal_hidden_states_of_chosen_layers(family):
     ref = model(ids, output_hidden_states=True)
     H = model.config.hidden_size
     assert out.features.shape == (2, 9, 2 * H) and out.hidden.shape == (2, 9, H)
+    # bitwise: two forwards of the same [2, 9] ids through the same kernels in this process
     torch.testing.assert_close(out.features[..., :H], ref.hidden_states[1], rtol=0, atol=0)
     torch.testing.assert_close(out.features[..., H:], ref.hidden_states[3], rtol=0, atol=0)
     torch.testing.assert_close(target.logits(out.hidden), ref.logits, rtol=1e-6, atol=1e-6)
@@ -66,3 +67,75 @@ def test_alias_loads_through_cached_plain_dir():
     model, source = load_target_model("smollm2-135m")
     assert source.kind == "gguf" and model.config.num_hidden_layers == 30
     assert "quantization_config" not in model.config.to_dict()
+
+
+# ---- issue 13: loading bars under --no-progress, materialized-target cache key ----------------
+
+
+def test_no_progress_hides_the_loading_bars(tmp_path, capfd, monkeypatch):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from draftsmith.target import model as target_model
+
+    from draftsmith.target.export_hf import export_hf
+    from train_fixtures import make_target_dir
+
+    out = make_target_dir(tmp_path, "llama")  # with a tokenizer, for export_hf
+    source = TargetSource(str(out), "hf_dir", str(out))
+    capfd.readouterr()
+    load_hf_model(source, progress=True)
+    assert "Loading weights" in capfd.readouterr().err  # the bar this test is about
+    load_hf_model(source, progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    export_hf(source, tmp_path / "plain", progress=False)  # how a GGUF target is materialized
+    assert "Loading weights" not in (err := capfd.readouterr().err) and "Writing model" not in err
+    monkeypatch.setattr(target_model, "_load_progress", True)  # restored after the test
+    target_model.set_load_progress(False)  # what `draftsmith ... --no-progress` does
+    load_target_model(str(out))
+    with target_model.loading_progress(None):  # GGUF dequantization uses tqdm directly
+        list(gguf_utils.tqdm(range(3), desc="de-quantizing"))
+    assert "Loading weights" not in (err := capfd.readouterr().err) and "de-quantizing" not in err
+    assert hf_logging.is_progress_bar_enabled()  # switched back off only while loading
+
+
+def test_cli_no_progress_sets_the_loading_default(tmp_path, monkeypatch):
+    from draftsmith import cli
+    from draftsmith.target import model as target_model
+
+    monkeypatch.setattr(target_model, "_load_progress", True)
+    missing = str(tmp_path / "missing.jsonl")
+    assert cli.main(["eval", "--datasets", missing, "--out", str(tmp_path / "o")]) == 2
+    assert target_model._load_progress is True
+    assert cli.main(["eval", "--datasets", missing, "--out", str(tmp_path / "o"),
+                     "--no-progress"]) == 2
+    assert target_model._load_progress is False
+
+
+def _fake_gguf(path, middle: bytes):
+    """A file whose first and last MiB are fixed and whose middle is `middle`."""
+    end = bytes(range(256)) * 4096  # 1 MiB
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(end + middle + end)
+    return TargetSource(str(path), "gguf", str(path.parent), path.name)
+
+
+def test_materialized_dir_is_keyed_by_the_whole_file(tmp_path, monkeypatch):
+    import os
+
+    from draftsmith.target.model import materialized_dir
+
+    monkeypatch.setenv("DRAFTSMITH_CACHE", str(tmp_path / "cache"))
+    a = _fake_gguf(tmp_path / "a" / "m.gguf", b"\x00" * 4096)
+    b = _fake_gguf(tmp_path / "b" / "m.gguf", b"\x00" * 2048 + b"\x01" + b"\x00" * 2047)
+    key_a, key_b = materialized_dir(a), materialized_dir(b)
+    assert key_a != key_b  # same size, same first and last MiB, different middle
+    assert key_a.parent == key_b.parent == tmp_path / "cache" / "targets"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["m.gguf"]  # nothing beside it
+    # the hash is cached by (path, size, mtime_ns): same stat -> not read again
+    stat = a.gguf_path.stat()
+    a.gguf_path.write_bytes(b.gguf_path.read_bytes())
+    os.utime(a.gguf_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert materialized_dir(a) == key_a
+    os.utime(a.gguf_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert materialized_dir(a) == key_b  # re-hashed: now the same content as b

@@ -69,6 +69,7 @@ def test_kill9_resume_reproduces_the_loss_curve(world, tmp_path):
     proc.wait()
     assert not (run / "step_90").exists(), "the kill should land mid-run"
     subprocess.run(train_cmd(recipe, world["data"], run), check=True, timeout=600)
+    # bitwise: a resume replays the same computation (same machine, train.threads = 1 in every process)
     assert losses(run) == losses(ref)
     assert len(losses(ref)) == 90
     ev = lambda r: [(m["step"], m["eval/tau_sim"]) for m in read_metrics(r) if "eval/tau_sim" in m]  # noqa: E731
@@ -119,6 +120,7 @@ def test_fp32_cache_gives_the_online_loss(world, tmp_path):
     train(online, str(world["data"]), tmp_path / "online", progress=False)
     train(cached, str(world["data"]), tmp_path / "cached", progress=False)
     assert (tmp_path / "cache" / "manifest.json").is_file()
+    # bitwise: one process, the same threads, and an fp32 cache holds the online features bit for bit
     assert losses(tmp_path / "online") == losses(tmp_path / "cached")
 
 

@@ -48,10 +48,12 @@ def make_recipe(path: Path, target: Path, drafter: str, **sections) -> Path:
         model = {"target_layer_ids": [0, 1, 2], "ttt_length": 3}
     recipe = {"drafter": drafter, "target": str(target), "model": model,
               "data": {"max_length": 96, "heldout_fraction": 0.2},
-              "features": {"mode": "online", "dtype": "fp32"},
+              # fp32 pinned: `auto` would pick bf16 on AMX CPUs and fp32 elsewhere, and these
+              # recipes must compute the same on every machine (auto is tested in test_train_inputs)
+              "features": {"mode": "online", "dtype": "fp32", "target_dtype": "fp32"},
               "optim": {"lr": 3e-3, "warmup_ratio": 0.1},
               "train": {"epochs": 2, "global_batch": 4, "micro_batch": 2, "checkpoint_every": 4,
-                        "eval_every": 4, "threads": 1}}
+                        "eval_every": 4, "threads": 1, "precision": "fp32"}}
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(recipe))

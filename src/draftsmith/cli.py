@@ -7,7 +7,7 @@ import logging
 import sys
 
 from draftsmith import __version__
-from draftsmith.utils.io import InputError
+from draftsmith.utils.io import InputError, check_output_dir
 
 STAGES = """pipeline: target -> data prepare -> data regenerate -> (cache) -> train -> eval (calibrate) -> export -> serve-check
 run `draftsmith quickstart` for the whole chain on the embedded default (SmolLM2-135M-Instruct)."""
@@ -44,6 +44,7 @@ def _run_target_info(args) -> int:
 def _run_target_export(args) -> int:
     from draftsmith.target.export_hf import export_hf, summary
 
+    check_output_dir(args.out, "--out")
     out = export_hf(args.target, args.out)
     print(summary(out))
     return 0
@@ -135,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "no_progress", False):  # also the bars of loading the target
+        from draftsmith.target.model import set_load_progress
+
+        set_load_progress(False)
     try:
         return int(args.func(args) or 0)
     except InputError as e:

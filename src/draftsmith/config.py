@@ -56,7 +56,7 @@ def check_keys(cls: type[BaseModel], data: dict, where: str, prefix: str = "") -
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value parsed as YAML, so 3, 1e-4, true, [1,2] get their types)."""
     if "=" not in item:
-        raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+        raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
     key, raw = item.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:
@@ -118,11 +118,14 @@ def build_config(cls: type[C], data: dict, overrides: list[str] = (), where: str
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        lines = [f"{where}: invalid config"]
+        set_by = {".".join(parse_override(item)[0]): item for item in overrides}
+        lines = []
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
-        raise InputError("\n".join(lines)) from None
+            source = next((f"--set {item}" for key, item in set_by.items()
+                           if loc == key or loc.startswith(key + ".")), where)
+            lines.append(f"{source}: {loc}: {err['msg']} (got {err.get('input')!r})")
+        raise InputError(lines[0] if len(lines) == 1 else "invalid config\n  " + "\n  ".join(lines)) from None
 
 
 def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[str] = ()) -> C:

@@ -21,6 +21,7 @@ from draftsmith.utils.plots import pyplot, save
 
 SHARED_REGEN = Path("..") / "shared" / "data" / "sharegpt-smollm2-regen.jsonl"  # beside the clone
 SHARED_EVAL = Path("..") / "shared" / "eval"
+DEMO_STEPS = 120  # the demo's training length in optimizer steps (same result on any machine)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -30,8 +31,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="answer cap of the live slice")
     p.add_argument("--shared-data", default=None,
                    help="pre-regenerated conversations JSONL (default: ../shared/data/… when present)")
-    p.add_argument("--train-minutes", type=float, default=6.0,
-                   help="time budget of the DSpark training stage (default 6)")
+    p.add_argument("--train-steps", type=int, default=DEMO_STEPS,
+                   help="optimizer steps of the DSpark training stage (default %(default)s)")
+    p.add_argument("--train-minutes", type=float, default=12.0,
+                   help="time guard of the training stage: stop early after this long "
+                        "(default %(default)s; the run says so when it does)")
     p.add_argument("--train-records", type=int, default=300,
                    help="training records used by the demo run (default 300)")
     p.add_argument("--eval-dir", default=None,
@@ -82,14 +86,23 @@ def _train_stage(out: Path, data: Path, args) -> list[str]:
     from draftsmith.train.recipe import load_recipe
 
     recipe = load_recipe("smollm2-135m/dspark", [f"data.limit={args.train_records}",
+                                                 f"train.max_steps={args.train_steps}",
                                                  f"train.time_budget_min={args.train_minutes}",
                                                  "train.eval_every=20", "train.checkpoint_every=40"])
     run = out / "run-dspark"
     final = train(recipe, str(data), run, resume=False)
-    evals = [m for m in read_metrics(run) if "eval/tau_sim" in m]
+    records = read_metrics(run)
+    evals = [m for m in records if "eval/tau_sim" in m]
     curve = ", ".join(f"{m['step']}: {m['eval/tau_sim']:.2f}" for m in evals)
     _plot_curve(evals, out / "train_curve.png")
-    return [f"data: {data} (first {args.train_records} records), budget {args.train_minutes} min",
+    compute = next((m["compute"] for m in records if "compute" in m), {})
+    end = next((m for m in reversed(records) if "stopped_by" in m), {})
+    stopped = (f"stopped by the {args.train_minutes}-min time guard at step {end.get('step')} of "
+               f"{args.train_steps}" if end.get("stopped_by") == "time_budget"
+               else f"{end.get('step', '?')} steps in {end.get('elapsed_s', 0):.0f} s")
+    return [f"data: {data} (first {args.train_records} records), {stopped}",
+            f"compute: target {compute.get('target_dtype', {}).get('dtype')}, draft "
+            f"{compute.get('precision', {}).get('dtype')} ({compute.get('precision', {}).get('reason')})",
             f"held-out simulated tau by step: {curve} (plot: ![](train_curve.png))",
             f"checkpoint: {final}",
             "a full run: draftsmith train --recipe smollm2-135m/dspark --data DATA --out RUN"]

@@ -17,6 +17,28 @@ class ConversationsFile:
     problems: list[str] = field(default_factory=list)  # "file:line: reason", bad lines first
 
 
+# records longer than this (characters of message contents) are skipped before tokenizing: one
+# 30 MB record once made `cache estimate` use 4.8 GB
+DEFAULT_MAX_RECORD_CHARS = 1_000_000
+
+
+def record_chars(record: dict) -> int:
+    """Characters of a conversations record's message contents (what tokenizing it costs)."""
+    return sum(len(m["content"]) for m in record["conversations"])
+
+
+def split_by_size(records: list[dict], max_chars: int) -> tuple[list[dict], list[tuple[str, int]]]:
+    """(records within `max_chars` characters, (id, characters) of the others); 0 = no limit."""
+    kept, over = [], []
+    for r in records:
+        n = record_chars(r)
+        if max_chars and n > max_chars:
+            over.append((str(r["id"]), n))
+        else:
+            kept.append(r)
+    return kept, over
+
+
 def record_problem(record: dict) -> str | None:
     """Why a conversations record cannot be rendered (None when it can)."""
     if not isinstance(record.get("id"), (str, int)):

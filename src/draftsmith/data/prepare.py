@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from draftsmith.data.sources import Record, Rejection, Source, dedupe_ids, is_heldout, open_source
-from draftsmith.utils.io import InputError
+from draftsmith.utils.io import InputError, check_output_file
 
 DEFAULT_HELDOUT_FRACTION = 0.02
 
@@ -119,6 +119,10 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, floa
     out = Path(args.out)
     heldout = Path(args.heldout_out) if args.heldout_out else None
     rejects = _rejects_path(out, args.rejects_out)
+    source = {"--source": args.source if os.path.isfile(args.source) else None}
+    for flag, path in (("--out", out), ("--heldout-out", heldout), ("--rejects-out", rejects)):
+        if path is not None:
+            check_output_file(path, flag, not_same_as=source)
     paths = [p.resolve() for p in (out, heldout, rejects) if p is not None]
     if len(set(paths)) != len(paths):
         raise InputError("--out, --heldout-out and --rejects-out must be three different files")

@@ -4,8 +4,10 @@ Everything here talks to an OpenAI-compatible chat server (llama.cpp `llama-serv
 SGLang). The record-level logic (input order, resume, error files) lives in `regenerate.py`.
 
 Error policy of one chat request (`chat_with_retries`):
-  * retried with exponential backoff: timeouts, connection/transport errors, HTTP 5xx, and the two
-    4xx codes that mean "try again later" (408 Request Timeout, 429 Too Many Requests);
+  * retried with exponential backoff: timeouts, connection/transport errors, HTTP 5xx, the two
+    4xx codes that mean "try again later" (408 Request Timeout, 429 Too Many Requests), and an
+    empty answer (a chat completion whose `content` is null, empty or only whitespace: nothing to
+    train on, so never a success);
   * failed at once: every other 4xx (the request itself is wrong: context too long, bad model
     name, ...) and a 2xx whose body is not a chat completion.
 The backoff is `backoff * 2**(attempt-1)` capped at `backoff_max`, stretched by a jitter of up
@@ -243,9 +245,13 @@ async def post_chat(
         retryable = resp.status_code >= 500 or resp.status_code in RETRYABLE_4XX
         raise _AttemptError(f"HTTP {resp.status_code}: {snippet}", retryable, resp.status_code)
     try:
-        return parse_chat_response(resp.json())
+        result = parse_chat_response(resp.json())
     except (ValueError, json.JSONDecodeError) as e:
         raise _AttemptError(f"bad response from {ep.url}: {e}", False, resp.status_code) from None
+    if not result.content.strip():
+        raise _AttemptError(f"empty answer (content null, empty or blank; finish_reason"
+                            f" {result.finish_reason!r})", True, resp.status_code)
+    return result
 
 
 async def chat_with_retries(

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -65,7 +66,13 @@ from draftsmith.data.regen_client import (
     regenerate_conversation,
     split_endpoint,
 )
-from draftsmith.utils.io import InputError, atomic_write_bytes, atomic_write_text, iter_jsonl
+from draftsmith.utils.io import (
+    InputError,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output_file,
+    iter_jsonl,
+)
 
 __all__ = [
     "EndpointUnavailable",
@@ -80,6 +87,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
+HTTP_LOGGERS = ("httpx", "httpcore")  # quiet below WARNING unless `draftsmith -v`
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NO_ENDPOINT = 0, 2, 3, 4
 
 
@@ -598,9 +606,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prompt-cache", action="store_true",
                    help="send cache_prompt: false (llama.cpp): no dependence on cache reuse")
     r = parser.add_argument_group("robustness")
-    r.add_argument("--retries", type=int, default=3, help="retries per request (timeouts, 5xx)")
-    r.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    r.add_argument("--retry-backoff", type=float, default=1.0, help="first backoff in seconds")
+    r.add_argument("--retries", type=int, default=3,
+                   help="retries per request (timeouts, 5xx, empty answers) (default: %(default)s)")
+    r.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds per request (default: %(default)s)")
+    r.add_argument("--retry-backoff", type=float, default=1.0,
+                   help="first backoff in seconds (default: %(default)s)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = parser.add_argument_group("engine (start a server instead of --endpoint)")
     e.add_argument("--engine", choices=("none", "llama-cpp"), default="none")
@@ -640,10 +651,48 @@ def _run_checked(args: argparse.Namespace) -> RegenSummary:
     return _from_args(args, args.endpoint, args.concurrency, not args.no_prompt_cache)
 
 
+def _plural(n: int, word: str) -> str:
+    """`1 record`, `2 records`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _failure_warning(summary: RegenSummary) -> str:
+    """The warning printed when records failed; says what a rerun retries only if it retries any."""
+    text = f"regenerate: warning: {_plural(summary.failed, 'record')} failed"
+    if summary.bad_input:
+        text += f" ({_plural(summary.bad_input, 'bad input line')})"
+    text += f", see {summary.errors_path}"
+    retry = summary.failed - summary.bad_input
+    if retry and summary.bad_input:
+        text += f"; rerunning the same command retries the other {retry}"
+    elif retry:
+        text += f"; rerunning the same command retries {'it' if retry == 1 else 'them'}"
+    return text
+
+
+@contextlib.contextmanager
+def _quiet_http_logs(verbose: bool) -> Iterator[None]:
+    """httpx logs every request at INFO: keep its loggers at WARNING unless asked for verbose."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in HTTP_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of `draftsmith data regenerate`; returns the exit code (see module doc)."""
     try:
-        summary = _run_checked(args)
+        check_output_file(args.out, "--out", not_same_as={"--in": args.in_path})
+        with _quiet_http_logs(getattr(args, "verbose", False)):
+            summary = _run_checked(args)
     except InputError as e:
         print(f"regenerate: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -651,10 +700,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"regenerate: no answer from the server: {e}", file=sys.stderr)
         return EXIT_NO_ENDPOINT
     if summary.failed:
-        retry = summary.failed - summary.bad_input
-        print(f"regenerate: warning: {summary.failed} records failed ({summary.bad_input} bad"
-              f" input lines), see {summary.errors_path}; rerunning the same command retries"
-              f" the other {retry}", file=sys.stderr)
+        print(_failure_warning(summary), file=sys.stderr)
     print(summary.line())
     return summary.exit_code
 

@@ -10,7 +10,9 @@ right after its content so nothing after it is fed either.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import array
+import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -27,6 +29,16 @@ class RenderedSample:
     loss_mask: list[int]  # 1 = the drafter is trained to predict this token
     truncated: bool = False  # cut at max_length
     length_capped: bool = False  # the final answer hit max_tokens (no end-of-turn)
+
+
+def record_fingerprint(input_ids: Sequence[int], loss_mask: Sequence[int]) -> str:
+    """16 hex digits of blake2b over a sample's length, token ids (int64) and loss mask (uint8):
+    what its cached features were computed from."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(len(input_ids).to_bytes(8, "little"))
+    h.update(array.array("q", input_ids).tobytes())
+    h.update(bytes(loss_mask))
+    return h.hexdigest()
 
 
 @dataclass

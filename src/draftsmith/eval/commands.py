@@ -27,11 +27,12 @@ from draftsmith.eval.datasets import (
 from draftsmith.eval.metrics import build_metrics, json_safe
 from draftsmith.eval.report import comparison_table, write_report
 from draftsmith.eval.runner import (
-    BASELINES, Benchmark, Settings, build_decoders, count_calls, run_benchmark, warm_up,
+    BASELINES, Benchmark, Settings, build_decoders, count_calls, parse_truncate, run_benchmark, warm_up,
 )
 from draftsmith.spec import SamplingConfig
 from draftsmith.target.model import load_target_model, load_tokenizer
-from draftsmith.utils.io import InputError, atomic_write_json, atomic_write_text
+from draftsmith.utils.dtypes import resolve as resolve_dtype
+from draftsmith.utils.io import InputError, atomic_write_json, atomic_write_text, check_output_dir
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
@@ -51,10 +52,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="per answer (per turn)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="per answer (per turn) (default: %(default)s)")
     p.add_argument("--max-samples", type=int, default=None, help="first N records per dataset")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="prompts decoded together (default: %(default)s)")
     p.add_argument("--num-draft-tokens", type=int, default=7,
                    help="draft length of the n-gram baseline and EAGLE-3 drafts (DSpark/DFlash "
                         "draft their block size)")
@@ -62,8 +65,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="proposal truncation for drafts with a confidence head: none, p-min=P "
                         "(llama.cpp's raw per-step rule) or survival=THRESHOLD (calibrated "
                         "cumulative survival; needs `draftsmith calibrate` first); lossless either way")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="target and draft dtype (fp64: bitwise-lossless checks on tiny targets)")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                   help="target and draft dtype; auto: bf16 where the hardware runs it natively "
+                        "(CUDA, a CPU with AMX or AVX512-BF16), else fp32; fp64: bitwise-lossless "
+                        "checks on tiny targets (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", required=True, help="output directory")
@@ -97,7 +102,16 @@ def sampling_config(args) -> SamplingConfig:
         raise InputError(f"sampling options: {e}") from None
 
 
+def check_baselines(names: list[str]) -> list[str]:
+    unknown = [b for b in names if b not in BASELINES]
+    if unknown:
+        raise InputError(f"--baselines: unknown baseline {unknown[0]!r}; known baselines: {', '.join(BASELINES)}")
+    return names
+
+
 def sampling_settings(args, stop_ids: list[int], pad_id: int) -> Settings:
+    """Settings from the flags, validated (--truncate's syntax included)."""
+    parse_truncate(args.truncate)
     for flag, value in (("--batch-size", args.batch_size), ("--num-draft-tokens", args.num_draft_tokens)):
         if value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
@@ -137,9 +151,10 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="eval (generate calls)", unit="call", disable=not enabled)
 
 
-def _run_info(args, datasets, decoders, settings: Settings) -> dict:
+def _run_info(args, datasets, decoders, settings: Settings, compute) -> dict:
     return {
-        "target": args.target, "dtype": args.dtype, "device": str(_device(args.device)),
+        "target": args.target, "dtype": compute.name, "dtype_reason": compute.reason,
+        "device": str(_device(args.device)),
         "threads": torch.get_num_threads(), "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "max_samples": args.max_samples,
         "seed": args.seed, "batch_size": args.batch_size, "num_draft_tokens": args.num_draft_tokens,
@@ -162,13 +177,17 @@ def _write_outputs(out: Path, metrics: dict, bench: Benchmark) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     start = time.perf_counter()
     drafts = parse_drafts(args.draft)
-    baselines = split_list(args.baselines)
+    baselines = check_baselines(split_list(args.baselines))
     datasets = load_datasets(args)
+    sampling_settings(args, [0], 0)  # every sampling flag and --truncate, before the target loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    hf_model, source = load_target_model(args.target, DTYPES[args.dtype])
+    compute = resolve_dtype(args.dtype, _device(args.device))
+    log.info("target and drafts compute in %s (%s)", compute.name, compute.reason)
+    hf_model, source = load_target_model(args.target, compute.torch)
     hf_model.to(_device(args.device))
     tokenizer = load_tokenizer(source)
     stop_ids = stop_token_ids(tokenizer, hf_model.config, getattr(hf_model, "generation_config", None))
@@ -181,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     with _progress_bar(count_calls(decoders, datasets, settings.batch_size), not args.no_progress) as bar:
         bench = run_benchmark(decoders, datasets, tokenizer, settings, progress=bar.update)
     metrics = build_metrics(bench.tallies, compare=settings.compare)
-    metrics = json_safe({"config": _run_info(args, datasets, decoders, settings),
+    metrics = json_safe({"config": _run_info(args, datasets, decoders, settings, compute),
                          "drafts": metrics["drafts"], "wall_s": time.perf_counter() - start})
     report = _write_outputs(Path(args.out), metrics, bench)
     print("\n".join(comparison_table(metrics)))

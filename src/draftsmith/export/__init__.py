@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -48,7 +46,6 @@ from draftsmith.export.manifest import (
     check_target_matches,
     describe_target,
     find_recipe,
-    publish_dir,
     read_config,
     read_manifest,
     serve_settings,
@@ -56,8 +53,8 @@ from draftsmith.export.manifest import (
     target_hf_dir,
     write_engine_dir,
 )
-from draftsmith.models.io import load_draft, save_draft
-from draftsmith.utils.io import InputError, atomic_write_json
+from draftsmith.models.io import load_draft, write_draft_files
+from draftsmith.utils.io import InputError, atomic_dir, atomic_write_json
 
 __all__ = ["DTYPES", "FORMATS", "export", "import_draft", "resolve_draft_dir"]
 
@@ -200,7 +197,7 @@ def _write_format(fmt: str, model: nn.Module, dtype: str, staging: Path, info: T
     dtype_name = str(DTYPES[dtype]).removeprefix("torch.")
     verifier = {"name_or_path": info.name, "architectures": target_architectures(info)}
     if fmt == "draftsmith":
-        save_draft(model, staging)
+        write_draft_files(model, staging)
         return ("draftsmith", ["config.json", "model.safetensors"],
                 {"engine_key": "draftsmith.config.target_layer_ids",
                  "engine_values": list(cfg.target_layer_ids), "engine_convention": "i"}, [], None)
@@ -237,23 +234,21 @@ def export(draft_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *
         raise InputError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    src = resolve_draft_dir(draft_dir)
-    prov = _provenance(src)
-    name = target or prov["target"]
-    if not name:
-        raise InputError(f"{src}: no target named (no recipe.json next to the checkpoint, no "
-                         "manifest); the manifest must record the target (id, revision, chat "
-                         "template) so engines pair the draft with its model: pass --target")
-    model = import_draft(src, name).eval()
-    info = describe_target(name)
-    check_target_matches(model.config, info)
-    model = model.to(DTYPES[dtype])
-    extra = dict(manifest_extra or {})
-    serve = serve_settings(model.config, (extra.pop("serve", None) or {}).get("p_min"))
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out, marker=MANIFEST_FILE) as staging:
+        src = resolve_draft_dir(draft_dir)
+        prov = _provenance(src)
+        name = target or prov["target"]
+        if not name:
+            raise InputError(f"{src}: no target named (no recipe.json next to the checkpoint, no "
+                             "manifest); the manifest must record the target (id, revision, chat "
+                             "template) so engines pair the draft with its model: pass --target")
+        model = import_draft(src, name).eval()
+        info = describe_target(name)
+        check_target_matches(model.config, info)
+        model = model.to(DTYPES[dtype])
+        extra = dict(manifest_extra or {})
+        serve = serve_settings(model.config, (extra.pop("serve", None) or {}).get("p_min"))
         layout, files, layer_ids, notes, gguf_extra = _write_format(fmt, model, dtype, staging, info)
         manifest = build_manifest(
             fmt=fmt, layout=layout, cfg=model.config, target=info, dtype=dtype,
@@ -265,9 +260,4 @@ def export(draft_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *
         for note in notes:
             log.warning("%s: %s", out, note)
         atomic_write_json(staging / MANIFEST_FILE, manifest)
-        staging.chmod(0o755)
-        publish_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,20 +145,6 @@ def write_engine_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor]) 
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     atomic_write_json(out / "config.json", config)
     return ["config.json", "model.safetensors"]
-
-
-def publish_dir(staging: Path, out: Path) -> None:
-    """Move a finished staging dir to `out`, replacing an earlier export there (never any other
-    directory), so readers never see a half-written export."""
-    if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file()):
-            raise InputError(f"{out}: exists and is not a draftsmith export; refusing to replace it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out)
 
 
 # --------------------------------------------------------------------------- the target

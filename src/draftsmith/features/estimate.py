@@ -159,12 +159,13 @@ def _counts(data: Sequence[RenderedSample] | Sequence[int]) -> tuple[list[int], 
 
 
 def _manifest_bytes(data, samples: int, shards: int) -> int:
-    """Approximate manifest size: fixed part, per-shard entry, one indented line per record id."""
+    """Approximate manifest size: fixed part, per-shard entry, one indented line per record id and
+    one per record fingerprint (16 hex digits)."""
     if data and isinstance(data[0], RenderedSample):
         ids = sum(len(json.dumps(s.id, ensure_ascii=False).encode()) for s in data)
     else:
         ids = 12 * samples
-    return 2200 + 340 * shards + ids + 10 * samples
+    return 2200 + 400 * shards + ids + (10 + 26) * samples
 
 
 def estimate(data: Sequence[RenderedSample] | Sequence[int], *, hidden_size: int,

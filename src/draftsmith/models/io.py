@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import types
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from draftsmith.models.dspark import DSparkConfig, build_dspark
 from draftsmith.models.eagle3 import Eagle3Config, Eagle3Model
 from draftsmith.models.layers import geometry_from_target
 from draftsmith.models.vocab import check_vocab_maps
-from draftsmith.utils.io import InputError, atomic_write_json
+from draftsmith.utils.io import InputError, atomic_dir, atomic_write_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -187,38 +185,25 @@ def _tensors_of(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` dir to `out`; readers never see a half-written draft."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE))
-    if foreign:
-        raise InputError(f"{out}: exists and holds {foreign[:5]}; refusing to replace it with a draft")
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_draft(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write `out_dir/config.json` + `out_dir/model.safetensors` atomically (temp dir + rename).
-    `dtype` casts floating tensors (e.g. torch.bfloat16 for DeepSpec's format); None keeps them."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def write_draft_files(model: nn.Module, out_dir: Path, dtype: torch.dtype | None = None) -> None:
+    """config.json + model.safetensors into the existing dir `out_dir` (a staging dir)."""
     tensors = _tensors_of(model, dtype)
     config = draft_config_json(model)
     config["torch_dtype"] = str(dtype or model.fc.weight.dtype).removeprefix("torch.")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(tmp / WEIGHTS_FILE, "rb") as f:
-            os.fsync(f.fileno())
-        atomic_write_json(tmp / CONFIG_FILE, config)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(out_dir / WEIGHTS_FILE, "rb") as f:
+        os.fsync(f.fileno())
+    atomic_write_json(out_dir / CONFIG_FILE, config)
+
+
+def save_draft(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write `out_dir/config.json` + `out_dir/model.safetensors` atomically (`atomic_dir`: an
+    existing `out_dir` is replaced only when it is a draft dir, whose config.json carries the
+    `draftsmith` sub-dict, or empty). `dtype` casts floating tensors (e.g. torch.bfloat16 for
+    DeepSpec's format); None keeps them."""
+    out = Path(out_dir)
+    with atomic_dir(out, marker=CONFIG_FILE, key="draftsmith") as staging:
+        write_draft_files(model, staging, dtype)
     return out
 
 

@@ -40,7 +40,7 @@ from draftsmith.export import gguf as gguf_export
 from draftsmith.export.manifest import describe_target, read_manifest
 from draftsmith.spec import SamplingConfig
 from draftsmith.target.model import load_target_model, load_tokenizer
-from draftsmith.utils.io import InputError, atomic_write_json
+from draftsmith.utils.io import InputError, atomic_write_json, check_output_dir
 
 log = logging.getLogger(__name__)
 PEERS = ("ngram-simple", "ngram-mod")
@@ -208,6 +208,7 @@ def export_for_serving(draft_dir: Path, out_dir: Path, target: str | None, dtype
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     draft_dir = resolve_draft_dir(args.draft)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,15 +10,15 @@ template, so `AutoModelForCausalLM.from_pretrained(DIR)` and llama.cpp's convert
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from draftsmith import __version__
 from draftsmith.target.resolve import TargetSource, resolve_target
-from draftsmith.utils.io import atomic_write_json
+from draftsmith.utils.io import atomic_dir, atomic_write_json
+
+MARKER = "draftsmith_target.json"  # written last: a dir holding it is a complete export-hf output
 
 
 def _plain_copy(model):
@@ -36,30 +36,24 @@ def _plain_copy(model):
     return plain.eval()
 
 
-def export_hf(target: str | TargetSource, out: str | Path) -> Path:
-    """Write DIR atomically (built in a sibling temp dir, renamed when complete)."""
-    from draftsmith.target.model import load_hf_model, load_tokenizer
+def export_hf(target: str | TargetSource, out: str | Path, progress: bool | None = None) -> Path:
+    """Write DIR atomically (`atomic_dir`: staged in a hidden sibling, renamed when complete; an
+    existing DIR is replaced only when it is an earlier export-hf output or empty). `progress`:
+    transformers' load and save bars, as in `load_hf_model`."""
+    from draftsmith.target.model import load_hf_model, load_tokenizer, loading_progress
 
     source = resolve_target(target) if isinstance(target, str) else target
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model = load_hf_model(source, torch.float32)
-    tokenizer = load_tokenizer(source, require_chat_template=False)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        _plain_copy(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "draftsmith_target.json", {
+    with loading_progress(progress), atomic_dir(out, marker=MARKER) as staging:
+        model = load_hf_model(source, torch.float32, progress)
+        tokenizer = load_tokenizer(source, require_chat_template=False)
+        _plain_copy(model).save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        atomic_write_json(staging / MARKER, {
             "format": "draftsmith-target-hf", "version": 1, "draftsmith_version": __version__,
             "source": source.name, "source_kind": source.kind,
             "source_file": str(source.gguf_path or source.path), "dtype": "float32",
         })
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

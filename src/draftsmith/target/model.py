@@ -7,8 +7,12 @@ that feeds the LM head. Only the chosen layers are kept (forward hooks), never a
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +20,46 @@ import torch
 from torch import nn
 
 from draftsmith.target.resolve import TargetSource, resolve_target
-from draftsmith.utils.io import InputError
+from draftsmith.utils.io import InputError, atomic_write_json
 from draftsmith.utils.paths import cache_root
 
 log = logging.getLogger(__name__)
+
+_load_progress = True  # process default of the loading bars; `--no-progress` turns it off
+
+
+def set_load_progress(enabled: bool) -> None:
+    """Process-wide default for the progress bars shown while a target loads (cli: --no-progress)."""
+    global _load_progress
+    _load_progress = bool(enabled)
+
+
+@contextlib.contextmanager
+def loading_progress(enabled: bool | None) -> Iterator[None]:
+    """Hide transformers' load (and save) bars inside the block unless `enabled`.
+
+    `None` follows `set_load_progress`. Hiding covers "Loading weights" (transformers' switch) and
+    the GGUF dequantization bar (plain tqdm in transformers, so its module's `tqdm` is swapped
+    for a disabled one); both are put back afterwards.
+    """
+    enabled = _load_progress if enabled is None else enabled
+    from transformers.utils import logging as hf_logging
+
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
 
 
 @dataclass
@@ -45,35 +85,65 @@ def load_tokenizer(source: TargetSource | str, require_chat_template: bool = Tru
     return tok
 
 
-def _gguf_fingerprint(path: Path) -> str:
-    """Cheap stable id of a GGUF file: size + hash of its first and last MiB."""
-    h = hashlib.sha256(str(path.stat().st_size).encode())
+def _sha256_file(path: Path) -> str:
+    """sha256 of the whole file, read in 8 MiB blocks."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, path.stat().st_size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
+        for block in iter(lambda: f.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_sha256(path: Path) -> str:
+    """Full-content sha256 of a GGUF file, remembered by (path, size, mtime_ns).
+
+    The hash of a multi-GB file takes seconds, so it is kept in a small JSON sidecar under
+    `$DRAFTSMITH_CACHE/targets/hashes/` (never beside the GGUF, which may be read-only) and
+    recomputed only when the file's size or mtime changes.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    name = hashlib.blake2b(str(path).encode("utf-8"), digest_size=8).hexdigest()
+    sidecar = cache_root() / "targets" / "hashes" / f"{name}.json"
+    try:
+        known = json.loads(sidecar.read_text())
+        if {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("sha256"), str):
+            return known["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass  # no sidecar yet, or an unreadable one: hash again
+    log.info("hashing %s (%d bytes) to key its materialized dir", path, st.st_size)
+    digest = _sha256_file(path)
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(sidecar, {**stamp, "sha256": digest})
+    return digest
 
 
 def materialized_dir(source: TargetSource) -> Path:
-    """Cache dir where a GGUF target is kept as a plain fp32 HF dir (built on first use)."""
-    return cache_root() / "targets" / f"{Path(source.gguf_file).stem}-{_gguf_fingerprint(source.gguf_path)}"
+    """Cache dir where a GGUF target is kept as a plain fp32 HF dir (built on first use), keyed by
+    the GGUF's full content hash: another file never reuses these weights."""
+    digest = gguf_sha256(source.gguf_path)
+    return cache_root() / "targets" / f"{Path(source.gguf_file).stem}-{digest[:16]}"
 
 
-def load_hf_model(source: TargetSource, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load the weights exactly as transformers does (GGUF is dequantized to fp32)."""
+def load_hf_model(source: TargetSource, dtype: torch.dtype = torch.float32,
+                  progress: bool | None = None) -> nn.Module:
+    """Load the weights exactly as transformers does (GGUF is dequantized to fp32).
+    `progress`: show transformers' loading bars (None: the `set_load_progress` default)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+        with loading_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     except OSError as e:
         raise InputError(f"target {source.name!r}: cannot load ({e})") from None
     return model.eval()
 
 
 def load_target_model(
-    target: str | TargetSource, dtype: torch.dtype = torch.float32, use_cache_dir: bool = True
+    target: str | TargetSource, dtype: torch.dtype = torch.float32, use_cache_dir: bool = True,
+    progress: bool | None = None,
 ) -> tuple[nn.Module, TargetSource]:
     """Load a target. A GGUF target is materialized once as a plain HF dir in the cache dir
     (dequantizing takes ~18 s for SmolLM2; the cached dir loads in ~1 s) and loaded from there."""
@@ -84,10 +154,10 @@ def load_target_model(
         cached = materialized_dir(source)
         if not (cached / "draftsmith_target.json").is_file():
             log.info("materializing %s as a plain HF dir in %s (once)", source.name, cached)
-            export_hf(source, cached)
-        model = load_hf_model(TargetSource(source.name, "hf_dir", str(cached)), dtype)
+            export_hf(source, cached, progress=progress)
+        model = load_hf_model(TargetSource(source.name, "hf_dir", str(cached)), dtype, progress)
         return model, source
-    return load_hf_model(source, dtype), source
+    return load_hf_model(source, dtype, progress), source
 
 
 def num_layers(model: nn.Module) -> int:
@@ -154,8 +224,8 @@ class TargetModel(nn.Module):
 
 
 def load_target(target: str, layer_ids: list[int] | None = None,
-                dtype: torch.dtype = torch.float32) -> TargetModel:
-    model, source = load_target_model(target, dtype)
+                dtype: torch.dtype = torch.float32, progress: bool | None = None) -> TargetModel:
+    model, source = load_target_model(target, dtype, progress=progress)
     return TargetModel(model, layer_ids, source)
 
 

@@ -1,5 +1,5 @@
 """Checkpoints: `RUN/step_N/` is a loadable draft dir (config.json + model.safetensors, written by
-`draftsmith.models.io.save_draft`) plus ONE `training_state.pt` for exact resume (optimizer,
+`draftsmith.models.io.write_draft_files`) plus ONE `training_state.pt` for exact resume (optimizer,
 scheduler, RNG, data position) — gathered to rank 0, not one file per rank.
 
 `RUN/step_latest` is a symlink to the newest complete step dir, swapped atomically. A step dir is
@@ -14,15 +14,14 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from draftsmith.models.io import save_draft
-from draftsmith.utils.io import InputError
+from draftsmith.models.io import write_draft_files
+from draftsmith.utils.io import InputError, atomic_dir, has_marker
 
 STATE_FILE = "training_state.pt"
 LATEST = "step_latest"
@@ -47,21 +46,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, keep: int) -> Path:
-    """Write RUN/step_{step} atomically, point step_latest at it, prune old step dirs."""
+    """Write RUN/step_{step} atomically, point step_latest at it, prune old step dirs. An existing
+    step dir is replaced only when it is a checkpoint (holds training_state.pt) or empty."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step}"
-    tmp_root = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".step_{step}."))
-    try:
-        staged = save_draft(model, tmp_root / final.name)
+    with atomic_dir(final, marker=STATE_FILE) as staged:
+        write_draft_files(model, staged)
         torch.save(state, staged / STATE_FILE)
-        staged.chmod(0o755)  # mkdtemp/mkstemp make owner-only modes
         for f in staged.iterdir():
             f.chmod(0o644)
-        if final.exists():
-            shutil.rmtree(final)
-        staged.rename(final)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
     link_tmp = run_dir / f".{LATEST}.tmp"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
@@ -72,8 +65,9 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, kee
 
 
 def _prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (step dirs holding a training state: ours)."""
     steps = sorted((int(m.group(1)), p) for p in run_dir.iterdir()
-                   if (m := STEP_RE.match(p.name)) and p.is_dir())
+                   if (m := STEP_RE.match(p.name)) and p.is_dir() and has_marker(p, STATE_FILE))
     for _, path in steps[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 

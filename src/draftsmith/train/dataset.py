@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from draftsmith.data.conversations import read_conversations
+from draftsmith.data.conversations import read_conversations, split_by_size
 from draftsmith.data.sources import is_heldout
 from draftsmith.data.templates import RenderedSample, RenderStats, render_records
 from draftsmith.train.recipe import DataConfig
@@ -47,6 +47,10 @@ def prepare_data(data_path: str, tokenizer, cfg: DataConfig) -> TrainData:
     else:
         held_records = [r for r in records if is_heldout(str(r["id"]), cfg.heldout_fraction)]
         records = [r for r in records if not is_heldout(str(r["id"]), cfg.heldout_fraction)]
+    records, too_long = split_by_size(records, cfg.max_record_chars)
+    held_records, held_too_long = split_by_size(held_records, cfg.max_record_chars)
+    notes += [f"record {rid!r}: {n} characters, over data.max_record_chars {cfg.max_record_chars}: skipped"
+              for rid, n in too_long + held_too_long]
     for n in notes[:10]:
         log.warning(n)
     train, tstats = _render(tokenizer, records, cfg, data_path)

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from draftsmith.train import checkpoint as ckpt
+from draftsmith.train import resume as run_inputs
 from draftsmith.train.dataset import epoch_order
 from draftsmith.train.metrics import MetricsLog
 from draftsmith.train.objectives import (
@@ -43,7 +44,7 @@ from draftsmith.train.parallel import (
 )
 from draftsmith.train.recipe import Recipe, load_recipe
 from draftsmith.train.setup import Setup, build_setup
-from draftsmith.utils.io import atomic_write_json
+from draftsmith.utils.io import InputError, check_output_dir
 
 log = logging.getLogger(__name__)
 EVAL_EPOCH = -1  # anchors of held-out blocks are keyed by this "epoch": fixed across evals
@@ -148,7 +149,7 @@ def train_step(step: int, s: Setup, recipe: Recipe, objective, params, info: Dis
                                _num_anchors(s)))
     den = reduce_denominators([objective.denominators(b) for b in batches], all_reduce_sum)
     sums, tau, counts = _accumulate(objective, batches, den, backward=True,
-                                    autocast=lambda: _autocast(recipe, info),
+                                    autocast=lambda: _autocast(s, info),
                                     target_metrics=step % recipe.train.target_metrics_every == 0)
     all_reduce_grads(params)
     return _step_metrics(objective, sums, den, tau, counts, len(plan))
@@ -179,9 +180,9 @@ def _num_anchors(s: Setup) -> int:
     return int(getattr(s.model.config, "num_anchors", 0) or 1)
 
 
-def _autocast(recipe: Recipe, info: DistInfo):
-    bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and info.device.type == "cuda")
-    return torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
+def _autocast(s: Setup, info: DistInfo):
+    """bf16 autocast of the draft's forward where `train.precision` resolved to bf16."""
+    return torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=s.precision.name == "bf16")
 
 
 def _step_metrics(objective, sums: dict, den: dict, tau: TauSimMeter, counts, sequences: int) -> dict:
@@ -231,16 +232,39 @@ def total_steps(recipe: Recipe, n_train: int) -> int:
 
 def train(recipe: Recipe, data: str, out: str | Path, cache: str | None = None, heldout: str | None = None,
           init_from: str | None = None, resume: bool = True, progress: bool = True) -> Path:
-    """Run (or resume) a training run; returns the final checkpoint dir."""
+    """Run (or resume) a training run; returns the final checkpoint dir. `train.threads` holds for
+    the run only: the caller's torch thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
+        return _train(recipe, data, out, cache, heldout, init_from, resume, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(recipe: Recipe, data: str, out: str | Path, cache, heldout, init_from, resume: bool,
+           progress: bool) -> Path:
     started = time.time()
     info = init_distributed()
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
     if heldout:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"heldout": heldout})})
+    for flag, path in (("--data", data), ("--heldout", recipe.data.heldout)):
+        if path and not Path(path).is_file():  # before the target load, which takes a while
+            raise InputError(f"{flag} {path}: no such file")
     run = Path(out)
+    resuming = resume and ckpt.latest_checkpoint(run) is not None
+    if resuming:
+        run_inputs.check_recipe(run, recipe)
+    data_record = {}
+
+    def check_data(d):  # before the feature cache is built: a resume must see the same data
+        data_record.update(run_inputs.data_record(d, data))
+        if resuming:
+            run_inputs.check_data(run, data_record)
+
     torch.manual_seed(recipe.train.seed)
-    s = build_setup(recipe, data, info, cache, init_from, progress and info.is_main)
+    s = build_setup(recipe, data, info, cache, init_from, progress and info.is_main, check_data)
     sharded = info.world > 1 and recipe.train.parallel == "fsdp2"
     if sharded:
         shard_layers(s.model, info)
@@ -250,19 +274,35 @@ def train(recipe: Recipe, data: str, out: str | Path, cache: str | None = None, 
     steps = total_steps(recipe, len(s.data.train))
     opt, sched = make_optimizer(s.model, recipe, steps)
     start = _maybe_resume(run, s, opt, sched, resume, sharded)
+    if start >= steps:  # nothing to do; leave the run's files as they are
+        log.info("%s is already at step %d (this recipe ends at step %d): nothing to train", run, start, steps)
+        shutdown()
+        return ckpt.latest_checkpoint(run)
     if info.is_main:
-        for line in s.data.lines:
-            log.info(line)
-        atomic_write_json(run / "recipe.json", recipe.model_dump(mode="json"))
+        _announce(run, s, recipe, data_record)
     metrics = MetricsLog(run, info.is_main, resume_step=start if start else None)
+    metrics.log(start, {"compute": {"target_dtype": s.target_dtype.record(), "precision": s.precision.record()}})
     # held-out evaluation runs on rank 0; with FSDP2 every rank takes part (its forwards gather)
     held_feats = s.features(s.data.heldout) if info.is_main or sharded else []
-    final = _loop(run, s, recipe, objective, params, opt, sched, info, start, steps, metrics,
-                  held_feats, progress, started, sharded)
+    final, stop = _loop(run, s, recipe, objective, params, opt, sched, info, start, steps, metrics,
+                        held_feats, progress, started, sharded)
+    metrics.log(stop["step"], {"stopped_by": stop["by"], "elapsed_s": round(time.time() - started, 1)})
     metrics.close()
     barrier()
     shutdown()
     return final
+
+
+def _announce(run: Path, s: Setup, recipe: Recipe, data_record: dict) -> None:
+    """Log what the run trains with and record its inputs (recipe.json, data.json)."""
+    for line in s.data.lines:
+        log.info(line)
+    log.info("target computes in %s (%s); draft trains in %s (%s)", s.target_dtype.name,
+             s.target_dtype.reason, s.precision.name, s.precision.reason)
+    if not s.data.heldout:
+        log.warning("the held-out split is empty: eval/tau_sim will not be measured (raise "
+                    "data.heldout_fraction or pass --heldout FILE)")
+    run_inputs.write_inputs(run, recipe, data_record)
 
 
 def _maybe_resume(run: Path, s: Setup, opt, sched, resume: bool, sharded: bool) -> int:
@@ -291,10 +331,11 @@ def _maybe_resume(run: Path, s: Setup, opt, sched, resume: bool, sharded: bool) 
 
 
 def _loop(run, s: Setup, recipe: Recipe, objective, params, opt, sched, info, start, steps, metrics,
-          held_feats, progress, t0: float, sharded: bool = False) -> Path:
-    """Steps `start`..`steps`; `t0` = when the command started (the time budget counts from it)."""
+          held_feats, progress, t0: float, sharded: bool = False) -> tuple[Path, dict]:
+    """Steps `start`..`steps`; `t0` = when the command started (the time budget counts from it).
+    Returns the final checkpoint and {"step", "by"}: what stopped the run (max_steps or time_budget)."""
     t_cfg = recipe.train
-    final = None
+    final, stop = None, {"step": steps, "by": "max_steps"}
     bar = tqdm(total=steps, initial=start, desc=f"train {recipe.drafter}", unit="step",
                disable=not (progress and info.is_main), dynamic_ncols=True)
     for step in range(start, steps):
@@ -315,16 +356,19 @@ def _loop(run, s: Setup, recipe: Recipe, objective, params, opt, sched, info, st
         if (info.is_main or sharded) and (done % t_cfg.eval_every == 0 or last):
             s.model.eval()
             ev = evaluate(s, recipe, objective, info, held_feats)
-            metrics.log(done, ev)  # rank 0 only
+            if ev:  # an empty held-out split has nothing to log (warned at the start)
+                metrics.log(done, ev)  # rank 0 only
             bar.set_postfix(loss=f"{m['loss']:.3f}", tau_sim=f"{ev.get('eval/tau_sim', 0):.2f}")
         if done % t_cfg.checkpoint_every == 0 or last:
             final = _save(run, done, s, opt, sched, info, t_cfg.keep_checkpoints, sharded)
         bar.update(1)
-        if over:
-            log.info("time budget of %.1f min reached at step %d of %d", t_cfg.time_budget_min, done, steps)
+        if over and done < steps:
+            log.warning("time budget of %g min reached at step %d of %d: stopped early (rerun the same "
+                        "command to continue)", t_cfg.time_budget_min, done, steps)
+            stop = {"step": done, "by": "time_budget"}
             break
     bar.close()
-    return final or ckpt.latest_checkpoint(run)
+    return final or ckpt.latest_checkpoint(run), stop
 
 
 def _save(run, step, s: Setup, opt, sched, info, keep, sharded: bool = False) -> Path | None:
@@ -352,8 +396,20 @@ def _save(run, step, s: Setup, opt, sched, info, keep, sharded: bool = False) ->
 
 
 def run(args) -> int:
+    check_output_dir(args.out, "--out")
     recipe = load_recipe(args.recipe, args.set)
     final = train(recipe, args.data, args.out, cache=args.cache, heldout=args.heldout,
                   init_from=args.init_from, resume=not args.no_resume, progress=not args.no_progress)
     print(f"train: final checkpoint {final}")
+    end = _stopped_by(Path(args.out))
+    if end.get("stopped_by") == "time_budget":
+        print(f"train: stopped by the time budget at step {end['step']} (the recipe's end was not reached; "
+              f"rerun the same command to continue)")
     return 0
+
+
+def _stopped_by(run: Path) -> dict:
+    from draftsmith.train.metrics import read_metrics
+
+    ends = [m for m in read_metrics(run) if "stopped_by" in m] if (run / "metrics.jsonl").is_file() else []
+    return ends[-1] if ends else {}

@@ -37,10 +37,12 @@ class MetricsLog:
         keep = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
                 break  # a torn last line from a kill
+            # the end marker of an earlier invocation is not part of the resumed run's log
+            if record.get("step", 0) <= step and "stopped_by" not in record:
+                keep.append(line)
         self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
 
     def log(self, step: int, values: dict) -> None:

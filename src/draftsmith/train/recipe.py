@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from draftsmith.config import StrictConfig, load_config
+from draftsmith.data.conversations import DEFAULT_MAX_RECORD_CHARS
 from draftsmith.models.io import DRAFTERS
 from draftsmith.utils.io import InputError
 
@@ -25,19 +26,24 @@ class DataConfig(StrictConfig):
     heldout: str | None = None  # a conversations JSONL used as the held-out split instead
     max_heldout: int = Field(64, ge=1)  # held-out sequences evaluated at each eval
     limit: int | None = Field(None, ge=1)  # use only the first N training records
+    # records longer than this many characters are skipped (counted and named), never tokenized
+    max_record_chars: int = Field(DEFAULT_MAX_RECORD_CHARS, ge=1)
     template_kwargs: dict[str, Any] = {}  # e.g. {enable_thinking: false}
 
 
 class FeaturesConfig(StrictConfig):
     mode: Literal["online", "cache"] = "online"
-    cache_dir: str | None = None  # default: RUN/feature-cache when mode == cache
+    # default when mode == cache: $DRAFTSMITH_CACHE/features/<key>, the key hashing the target,
+    # tapped layers, storage dtype, max_length and the records' content (train/setup.py)
+    cache_dir: str | None = None
     dtype: Literal["fp32", "bf16", "fp16", "fp8-e4m3"] = "bf16"
     # auto: one unpadded sequence per target forward on CPU (bitwise reproducible), padded
     # length-bucketed batches on GPU; padded is ~2x faster on CPU too, equal up to float rounding
     batching: Literal["auto", "unpadded", "padded"] = "auto"
     max_batch_tokens: int = Field(4096, ge=64)
-    # dtype the target runs in (features and p_t); auto: bf16 on GPU, fp32 on CPU. bf16 on a CPU
-    # with AMX is ~3.5x faster than fp32 (SmolLM2: 3500 vs 1000 tok/s on 2 cores).
+    # dtype the target runs in (features and p_t); auto: bf16 where the hardware runs it natively
+    # (CUDA with bf16, a CPU with AMX or AVX512-BF16), else fp32 (utils/dtypes.py). SmolLM2 on 2
+    # cores: AMX bf16 ~3500 tok/s; AVX2-only fp32 587 tok/s, emulated bf16 80 tok/s.
     target_dtype: Literal["auto", "fp32", "bf16"] = "auto"
 
 
@@ -64,7 +70,7 @@ class TrainConfig(StrictConfig):
     # a full-vocabulary LM-head pass per supervised slot, ~40% of a step on CPU
     target_metrics_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast; auto: as features.target_dtype
     parallel: Literal["ddp", "fsdp2"] = "ddp"
     threads: int | None = Field(None, ge=1)  # torch CPU threads per process
     time_budget_min: float | None = Field(None, gt=0)  # stop (and checkpoint) after this long

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from draftsmith.data.templates import RenderedSample
-from draftsmith.features.cache import FeatureCache, build_cache
+from draftsmith.features.cache import VERSION as CACHE_VERSION
+from draftsmith.features.cache import FeatureCache, build_cache, record_fingerprint
 from draftsmith.features.online import FeaturePolicy, SampleFeatures, compute_features, target_identity
 from draftsmith.models.io import build_draft, load_draft
 from draftsmith.models.vocab import build_draft_vocab
@@ -26,6 +27,8 @@ from draftsmith.train.dataset import TrainData, prepare_data, supervised_token_c
 from draftsmith.train.init import init_markov_from_bigrams
 from draftsmith.train.parallel import DistInfo, barrier
 from draftsmith.train.recipe import Recipe
+from draftsmith.utils.dtypes import ComputeDtype
+from draftsmith.utils.dtypes import resolve as resolve_dtype
 from draftsmith.utils.io import InputError
 from draftsmith.utils.paths import cache_root
 
@@ -70,13 +73,18 @@ class FeatureSource:
         return [self.cache[self.index[s.id]] for s in samples]
 
 
-def _cache_dir(recipe: Recipe, target: TargetModel, samples: list[RenderedSample]) -> Path:
+def _cache_dir(recipe: Recipe, target: TargetModel, samples: list[RenderedSample],
+               fingerprints: list[str] | None = None) -> Path:
+    """recipe.features.cache_dir, else a directory keyed by everything the cache's bytes depend on
+    (the records' content by their fingerprints, and the cache format version)."""
     if recipe.features.cache_dir:
         return Path(recipe.features.cache_dir)
-    key = json.dumps({"target": target_identity(target), "layers": target.layer_ids,
-                      "dtype": recipe.features.dtype, "max_length": recipe.data.max_length,
-                      "samples": [(s.id, len(s.input_ids), sum(s.loss_mask)) for s in samples]},
-                     sort_keys=True)
+    if fingerprints is None:
+        fingerprints = [record_fingerprint(s.input_ids, s.loss_mask) for s in samples]
+    key = json.dumps({"format_version": CACHE_VERSION, "target": target_identity(target),
+                      "layers": target.layer_ids, "dtype": recipe.features.dtype,
+                      "max_length": recipe.data.max_length,
+                      "samples": [(s.id, fp) for s, fp in zip(samples, fingerprints)]}, sort_keys=True)
     return cache_root() / "features" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -100,7 +108,8 @@ def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: D
     if recipe.features.mode == "online" and not cache_dir:
         return FeatureSource(target, None, policy)
     samples = data.train + data.heldout
-    path = Path(cache_dir) if cache_dir else _cache_dir(recipe, target, samples)
+    fingerprints = [record_fingerprint(s.input_ids, s.loss_mask) for s in samples]
+    path = Path(cache_dir) if cache_dir else _cache_dir(recipe, target, samples, fingerprints)
     if info.is_main:
         with _build_lock(path):  # two runs sharing one cache (dspark + dflash) build it once
             manifest = path / "manifest.json"
@@ -110,11 +119,7 @@ def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: D
                             max_length=recipe.data.max_length, tokenizer=tokenizer, progress=progress)
     barrier()
     cache = FeatureCache.open(path, expect_target=target, expect_layer_ids=target.layer_ids)
-    cached = set(cache.record_ids)
-    missing = [s.id for s in samples if s.id not in cached]
-    if missing:
-        raise InputError(f"{path}: the cache lacks {len(missing)} of the training samples "
-                         f"(first: {missing[0]!r}); it was built from other data")
+    cache.check_samples(samples, recipe.data.max_length, fingerprints)  # a stale cache is refused
     return FeatureSource(target, cache, policy)
 
 
@@ -125,17 +130,22 @@ class Setup:
     data: TrainData
     model: nn.Module
     features: FeatureSource
+    target_dtype: ComputeDtype  # what the target computes features and p_t in
+    precision: ComputeDtype  # the draft's autocast dtype (fp32 master weights either way)
 
 
 def build_setup(recipe: Recipe, data_path: str, info: DistInfo, cache_dir: str | None = None,
-                init_from: str | None = None, progress: bool = True) -> Setup:
-    want = recipe.features.target_dtype
-    bf16 = want == "bf16" or (want == "auto" and info.device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    hf, source = load_target_model(recipe.target, dtype)
+                init_from: str | None = None, progress: bool = True, check_data=None) -> Setup:
+    """Target, data, draft and feature source; `check_data(TrainData)` runs once the data is
+    rendered, before the draft is built or a feature cache is touched."""
+    dtype = resolve_dtype(recipe.features.target_dtype, info.device)
+    hf, source = load_target_model(recipe.target, dtype.torch)
     tokenizer = load_tokenizer(source)
     data = prepare_data(data_path, tokenizer, recipe.data)
+    if check_data is not None:
+        check_data(data)
     model = build_model(recipe, hf, data, init_from)
     target = TargetModel(hf, list(model.config.target_layer_ids), source).to(info.device)
     features = feature_source(recipe, target, data, info, tokenizer, cache_dir, progress)
-    return Setup(target, tokenizer, data, model.to(info.device), features)
+    return Setup(target, tokenizer, data, model.to(info.device), features, dtype,
+                 resolve_dtype(recipe.train.precision, info.device))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,3 +99,125 @@ def append_jsonl_line(f, obj: dict) -> None:
     f.write(json.dumps(obj, ensure_ascii=False) + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------- output directories
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def has_marker(path: Path, marker: str, key: str | None = None) -> bool:
+    """Whether the dir `path` holds the file `marker` (with `key`: a JSON object holding `key`)."""
+    file = path / marker
+    if not file.is_file():
+        return False
+    if key is None:
+        return True
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and key in data
+
+
+def check_replaceable_dir(final: str | os.PathLike, marker: str, key: str | None = None) -> None:
+    """The one rule for replacing a directory: InputError unless `final` is absent, an empty
+    directory, or a directory holding its writer's marker (`has_marker`), i.e. something
+    draftsmith wrote. A file, a symlink, or the working directory (or one above it) is never
+    replaced."""
+    path = Path(final)
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise InputError(f"{final}: exists and is not a directory (or is a symlink); give a new "
+                         "directory path")
+    cwd = Path.cwd().resolve()
+    if path.resolve() == cwd or path.resolve() in cwd.parents:
+        raise InputError(f"{final}: is the working directory (or holds it); give a new "
+                         "directory path")
+    if any(path.iterdir()) and not has_marker(path, marker, key):
+        raise InputError(f"{final}: exists and was not written by draftsmith (no {marker} in it); "
+                         "refusing to replace it: give a new path, or move it away first")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, *, marker: str, key: str | None = None) -> Iterator[Path]:
+    """Stage a directory and rename it to `final` when the body finishes.
+
+    Yields a hidden staging dir next to `final`; the body writes everything there, the marker
+    included (`marker`, a JSON object with `key` when given; checked: it is how a later run
+    recognizes the dir as ours). `final` is replaced
+    only under `check_replaceable_dir` (checked on entry and again before the rename); the old
+    dir is moved aside and deleted only after the new one is in place. On any failure the
+    staging dir is deleted and `final` is left as it was. Readers see the old dir or the whole
+    new one, never half a dir."""
+    final = Path(os.path.abspath(final))  # "." and ".." name their real dir
+    check_replaceable_dir(final, marker, key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; give the dir the usual mode
+        yield staging
+        if not has_marker(staging, marker, key):
+            raise RuntimeError(f"{final}: staged without its marker {marker}; not published")
+        check_replaceable_dir(final, marker, key)
+        _publish(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename `staging` to `final`; an old `final` is moved aside first, deleted after."""
+    if not os.path.lexists(final):
+        os.rename(staging, final)
+        return
+    old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+    os.rename(final, old / final.name)
+    try:
+        os.rename(staging, final)
+    except BaseException:
+        os.rename(old / final.name, final)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _not_a_dir(path: Path) -> Path | None:
+    """The nearest existing one of `path` and its parents when it is not a directory, else None."""
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return None if path.is_dir() else path
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """`flag PATH` names a directory to write: absent (created later) or a directory.
+    InputError, one line naming the flag and the path, otherwise."""
+    blocker = _not_a_dir(Path(path))
+    if blocker == Path(os.path.abspath(path)):
+        raise InputError(f"{flag} {path}: exists and is not a directory; {flag} takes a directory")
+    if blocker is not None:
+        raise InputError(f"{flag} {path}: {blocker} is a file, not a directory")
+    return Path(path)
+
+
+def check_output_file(path: str | os.PathLike, flag: str,
+                      not_same_as: Mapping[str, str | os.PathLike | None] | None = None) -> Path:
+    """`flag PATH` names a file to write: not a directory, under a directory, and not the same
+    file as any input in `not_same_as` ({flag: path}). InputError naming the flag otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{flag} {path}: is a directory; {flag} takes a file path")
+    blocker = _not_a_dir(Path(os.path.abspath(p)).parent)
+    if blocker is not None:
+        raise InputError(f"{flag} {path}: {blocker} is a file, not a directory")
+    for other_flag, other in (not_same_as or {}).items():
+        if other is not None and os.path.realpath(other) == os.path.realpath(p):
+            raise InputError(f"{flag} {path}: is the same file as {other_flag}; writing it would "
+                             "overwrite the input: give another path")
+    return p

@@ -1,0 +1,108 @@
+"""Resume only the run that was started: same recipe (up to the keys a user may change on a
+resume) and the same data, checked before any heavy work.
+
+`RUN/recipe.json` records the recipe the run trains with (exports read it too); `RUN/data.json`
+records a fingerprint of the rendered training and held-out samples (ids, token ids, loss
+masks). A rerun of `train --out RUN` with other inputs is an error that says what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from draftsmith.data.templates import RenderedSample, record_fingerprint
+from draftsmith.train.dataset import TrainData
+from draftsmith.train.recipe import Recipe
+from draftsmith.utils.io import InputError, atomic_write_json
+
+RECIPE_FILE = "recipe.json"
+DATA_FILE = "data.json"
+DATA_FORMAT = 1
+# keys a resume may change: how long to run, how often to log / evaluate / save, threads, where
+# the cache lives (its content is checked by the cache itself), where the held-out file lives
+# (its content is in the data fingerprint)
+RESUMABLE_KEYS = {
+    "train.max_steps", "train.time_budget_min", "train.eval_every", "train.log_every",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.threads", "train.target_metrics_every",
+    "features.cache_dir", "data.heldout", "notes",
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):  # an empty section adds no key
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_differences(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every key that differs and a resume may not change."""
+    # a key the old recipe lacks (a run from before the key existed) holds its default
+    defaults = _flatten(Recipe(drafter=new["drafter"]).model_dump(mode="json"))
+    a, b = {**defaults, **_flatten(old)}, _flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_KEYS or a.get(key) == b.get(key):
+            continue
+        diffs.append(f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    return diffs
+
+
+def samples_fingerprint(samples: list[RenderedSample]) -> str:
+    """16 hex digits over each sample's id and record fingerprint (token ids, loss mask), in order."""
+    h = hashlib.blake2b(digest_size=8)
+    for s in samples:
+        h.update(f"{s.id}\0{record_fingerprint(s.input_ids, s.loss_mask)}\0".encode("utf-8"))
+    return h.hexdigest()
+
+
+def data_record(data: TrainData, data_path: str) -> dict:
+    return {"format": DATA_FORMAT, "data": str(data_path), "train_records": len(data.train),
+            "heldout_records": len(data.heldout), "train": samples_fingerprint(data.train),
+            "heldout": samples_fingerprint(data.heldout)}
+
+
+def _fix(run: Path) -> str:
+    return (f"rerun with the run's original inputs, pass --no-resume to start {run} over, or "
+            f"choose another --out")
+
+
+def check_recipe(run: Path, recipe: Recipe) -> None:
+    """Before anything heavy: the recipe of an existing run must match `recipe`."""
+    path = run / RECIPE_FILE
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable ({e}); {_fix(run)}") from None
+    diffs = recipe_differences(old, recipe.model_dump(mode="json"))
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; … {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise InputError(f"--out {run}: this run was started with another recipe ({shown}); {_fix(run)}")
+
+
+def check_data(run: Path, record: dict) -> None:
+    """After rendering the data: its fingerprint must match the one the run started with."""
+    path = run / DATA_FILE
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable ({e}); {_fix(run)}") from None
+    diffs = [f"{k}: {old.get(k)!r} -> {record[k]!r}"
+             for k in ("train_records", "heldout_records", "train", "heldout") if old.get(k) != record[k]]
+    if diffs:
+        raise InputError(f"--out {run}: this run was started with other data ({old.get('data')}; now "
+                         f"{record['data']}): {'; '.join(diffs)}; {_fix(run)}")
+
+
+def write_inputs(run: Path, recipe: Recipe, record: dict) -> None:
+    atomic_write_json(run / RECIPE_FILE, recipe.model_dump(mode="json"))
+    atomic_write_json(run / DATA_FILE, record)

@@ -1,0 +1,218 @@
+"""What a training run records about itself and refuses: compute dtypes chosen for the machine,
+what stopped it, resumes with other inputs, late or misattributed errors."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from draftsmith.train.metrics import read_metrics
+from draftsmith.utils import dtypes
+from draftsmith.utils.io import InputError
+from train_fixtures import make_data, make_recipe, make_target_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    return {"data": make_data(root / "data.jsonl"), "llama": make_target_dir(root, "llama")}
+
+
+def _recipe(world, tmp_path, *overrides, **sections):
+    from draftsmith.train.recipe import load_recipe
+
+    return load_recipe(str(make_recipe(tmp_path / "r.yaml", world["llama"], "dspark", **sections)),
+                       list(overrides))
+
+
+def _train(recipe, data, run):
+    from draftsmith.train.loop import train
+
+    return train(recipe, str(data), run, progress=False)
+
+
+# --------------------------------------------------------------------------- compute dtypes
+
+
+@pytest.mark.parametrize("native,expect", [(True, "bf16"), (False, "fp32")])
+def test_auto_dtype_follows_native_bf16(monkeypatch, native, expect):
+    monkeypatch.setattr(dtypes, "cpu_bf16_support", lambda: (native, "probe"))
+    chosen = dtypes.resolve("auto", "cpu")
+    assert chosen.name == expect and chosen.torch == dtypes.TORCH[expect]
+    assert chosen.reason.startswith("auto")
+    assert dtypes.resolve("bf16", "cpu").name == "bf16"  # an explicit choice is kept
+    assert dtypes.resolve("fp32", "cpu").reason == "set explicitly"
+
+
+def test_this_cpu_probe_agrees_with_its_flags():
+    native, why = dtypes.cpu_bf16_support()
+    flags = dtypes._cpuinfo_flags()
+    if flags:  # Linux: the decision must match what the kernel reports
+        assert native == bool({"amx_bf16", "avx512_bf16"} & flags), why
+
+
+def test_shipped_cpu_recipes_default_to_auto():
+    from draftsmith.train.recipe import load_recipe
+
+    for name in ("smollm2-135m/dspark", "smollm2-135m/dflash", "smollm2-135m/eagle3"):
+        r = load_recipe(name)
+        assert r.features.target_dtype == "auto" and r.train.precision == "auto", name
+
+
+def test_run_records_dtypes_and_what_stopped_it(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(dtypes, "cpu_bf16_support", lambda: (False, "no native bf16 (test)"))
+    run = tmp_path / "run"
+    _train(_recipe(world, tmp_path, "train.max_steps=3", "features.target_dtype=auto", "train.precision=auto"),
+           world["data"], run)
+    records = read_metrics(run)
+    compute = [m["compute"] for m in records if "compute" in m]
+    assert compute == [{"target_dtype": {"dtype": "fp32", "reason": "auto: no native bf16 (test)"},
+                        "precision": {"dtype": "fp32", "reason": "auto: no native bf16 (test)"}}]
+    assert records[-1]["stopped_by"] == "max_steps" and records[-1]["step"] == 3
+
+
+def test_time_budget_stop_is_recorded_and_printed(world, tmp_path, capsys):
+    from draftsmith.cli import main
+
+    recipe = make_recipe(tmp_path / "r.yaml", world["llama"], "dspark")
+    run = tmp_path / "run"
+    rc = main(["train", "--recipe", str(recipe), "--data", str(world["data"]), "--out", str(run),
+               "--no-progress", "--set", "train.time_budget_min=0.0001"])
+    assert rc == 0
+    end = read_metrics(run)[-1]
+    assert end["stopped_by"] == "time_budget" and end["step"] == 1
+    assert "stopped by the time budget at step 1" in capsys.readouterr().out
+    # resuming past the budget stop drops the old end marker: one end record, the last one
+    rc = main(["train", "--recipe", str(recipe), "--data", str(world["data"]), "--out", str(run),
+               "--no-progress", "--set", "train.max_steps=3"])
+    records = read_metrics(run)
+    assert rc == 0 and [m for m in records if "stopped_by" in m] == [records[-1]]
+    assert records[-1]["stopped_by"] == "max_steps" and records[-1]["step"] == 3
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_refuses_other_data(world, tmp_path):
+    run = tmp_path / "run"
+    _train(_recipe(world, tmp_path, "train.max_steps=2"), world["data"], run)
+    changed = tmp_path / "changed.jsonl"
+    lines = world["data"].read_text().splitlines()
+    rec = json.loads(lines[3])
+    rec["conversations"][-1]["content"] += " and then some more words"  # same ids, other content
+    changed.write_text("\n".join(lines[:3] + [json.dumps(rec)] + lines[4:]) + "\n")
+    with pytest.raises(InputError, match="started with other data.*train:"):
+        _train(_recipe(world, tmp_path, "train.max_steps=4"), changed, run)
+    assert (run / "step_latest").resolve().name == "step_2"
+    # the same data resumes
+    assert _train(_recipe(world, tmp_path, "train.max_steps=4"), world["data"], run).name == "step_4"
+
+
+def test_resume_refuses_another_recipe_but_takes_resumable_keys(world, tmp_path):
+    run = tmp_path / "run"
+    _train(_recipe(world, tmp_path, "train.max_steps=2"), world["data"], run)
+    with pytest.raises(InputError, match=r"another recipe \(model.block_size: 3 -> 4"):
+        _train(_recipe(world, tmp_path, "train.max_steps=4", "model.block_size=4"), world["data"], run)
+    recipe = make_recipe(tmp_path / "e3.yaml", world["llama"], "eagle3")
+    from draftsmith.train.recipe import load_recipe
+
+    with pytest.raises(InputError, match="drafter: 'dspark' -> 'eagle3'"):
+        _train(load_recipe(str(recipe), ["train.max_steps=4"]), world["data"], run)
+    final = _train(_recipe(world, tmp_path, "train.max_steps=4", "train.eval_every=1", "train.threads=2",
+                           "train.checkpoint_every=1"), world["data"], run)
+    assert final.name == "step_4"
+    assert json.loads((run / "recipe.json").read_text())["train"]["max_steps"] == 4
+
+
+def test_rerun_with_lower_max_steps_changes_nothing(world, tmp_path):
+    run = tmp_path / "run"
+    _train(_recipe(world, tmp_path, "train.max_steps=3"), world["data"], run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    final = _train(_recipe(world, tmp_path, "train.max_steps=2"), world["data"], run)
+    assert final.name == "step_3"
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert json.loads((run / "recipe.json").read_text())["train"]["max_steps"] == 3
+
+
+def test_no_resume_starts_over_with_new_inputs(world, tmp_path):
+    run = tmp_path / "run"
+    _train(_recipe(world, tmp_path, "train.max_steps=2"), world["data"], run)
+    from draftsmith.train.loop import train
+
+    final = train(_recipe(world, tmp_path, "train.max_steps=2", "model.block_size=4"), str(world["data"]),
+                  run, resume=False, progress=False)
+    assert final.name == "step_2"
+    assert json.loads((run / "recipe.json").read_text())["model"]["block_size"] == 4
+
+
+# --------------------------------------------------------------------------- early, right errors
+
+
+def test_missing_data_fails_before_the_target_loads(world, tmp_path, monkeypatch):
+    from draftsmith.train import setup
+
+    def no_load(*a, **k):
+        raise AssertionError("the target was loaded before --data was checked")
+
+    monkeypatch.setattr(setup, "load_target_model", no_load)
+    with pytest.raises(InputError, match="--data .*missing.jsonl"):
+        _train(_recipe(world, tmp_path), tmp_path / "missing.jsonl", tmp_path / "run")
+    with pytest.raises(InputError, match="--heldout .*nope.jsonl"):
+        _train(_recipe(world, tmp_path, f"data.heldout={tmp_path / 'nope.jsonl'}"), world["data"],
+               tmp_path / "run")
+
+
+def test_set_errors_blame_the_set_flag_not_the_file(world, tmp_path):
+    with pytest.raises(InputError) as e:
+        _recipe(world, tmp_path, "optim.lr=-1")
+    assert str(e.value).startswith("--set optim.lr=-1: optim.lr:"), str(e.value)
+    (tmp_path / "bad.yaml").write_text(make_recipe(tmp_path / "r.yaml", world["llama"], "dspark")
+                                       .read_text().replace("lr: 0.003", "lr: -1"))
+    from draftsmith.train.recipe import load_recipe
+
+    with pytest.raises(InputError) as e:  # negative control: a bad value in the file blames the file
+        load_recipe(str(tmp_path / "bad.yaml"))
+    assert str(e.value).startswith(f"{tmp_path / 'bad.yaml'}: optim.lr:"), str(e.value)
+    with pytest.raises(InputError, match="e.g. --set optim.lr=3e-4"):
+        _recipe(world, tmp_path, "optim.lr")
+
+
+def test_empty_heldout_split_warns_and_logs_no_bare_steps(world, tmp_path, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        _train(_recipe(world, tmp_path, "train.max_steps=4", "data.heldout_fraction=0"), world["data"], run)
+    assert "held-out split is empty" in caplog.text
+    assert all(set(m) - {"step"} for m in read_metrics(run)), "a metrics line with nothing but a step"
+    assert not any("eval/tau_sim" in m for m in read_metrics(run))
+
+
+def test_train_threads_hold_for_the_run_only(world, tmp_path):
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    _train(_recipe(world, tmp_path, "train.max_steps=1", f"train.threads={want}"), world["data"], tmp_path / "run")
+    assert torch.get_num_threads() == before
+
+
+def test_resume_of_a_run_recorded_before_a_new_recipe_key(world, tmp_path):
+    run = tmp_path / "run"
+    _train(_recipe(world, tmp_path, "train.max_steps=2"), world["data"], run)
+    old = json.loads((run / "recipe.json").read_text())
+    del old["data"]["max_record_chars"]  # as written before the key existed
+    (run / "recipe.json").write_text(json.dumps(old))
+    assert _train(_recipe(world, tmp_path, "train.max_steps=3"), world["data"], run).name == "step_3"
+    with pytest.raises(InputError, match="data.max_record_chars: 1000000 -> 50"):
+        _train(_recipe(world, tmp_path, "train.max_steps=4", "data.max_record_chars=50"), world["data"], run)
+
+
+def test_records_over_the_size_guard_are_skipped_and_named(world, tmp_path, caplog):
+    data = tmp_path / "data.jsonl"
+    lines = world["data"].read_text().splitlines()
+    big = {"id": "huge", "conversations": [{"role": "user", "content": "x " * 400},
+                                           {"role": "assistant", "content": "y " * 400}]}
+    data.write_text("\n".join(lines + [json.dumps(big)]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        _train(_recipe(world, tmp_path, "train.max_steps=1", "data.max_record_chars=1000"), data, tmp_path / "run")
+    assert "over data.max_record_chars 1000: skipped" in caplog.text and "huge" in caplog.text
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["train_records"] + \
+        json.loads((tmp_path / "run" / "data.json").read_text())["heldout_records"] == len(lines)
