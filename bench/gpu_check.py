@@ -38,6 +38,7 @@ import transformers
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from draftsmith.data.templates import RenderedSample
+from draftsmith.drafters import build_objective
 from draftsmith.models.dspark import DSparkConfig
 from draftsmith.models.eagle3 import Eagle3Config
 from draftsmith.models.io import build_draft
@@ -45,7 +46,7 @@ from draftsmith.spec import DSparkProposer, Eagle3Proposer, OracleProposer, Spec
 from draftsmith.target.model import TargetModel
 from draftsmith.train import loop
 from draftsmith.train.dataset import TrainData
-from draftsmith.train.objectives import ObjectiveConfig, build_objective, reduce_denominators
+from draftsmith.train.objectives import ObjectiveConfig, reduce_denominators
 from draftsmith.train.parallel import DistInfo, grad_norm_and_clip
 from draftsmith.train.recipe import load_recipe
 from draftsmith.train.setup import Setup, build_model, feature_source
@@ -202,7 +203,7 @@ def timed_step(step: int, s, recipe, objective, params, opt, sched, device: torc
         tokens += sum(len(x.input_ids) for x in samples)
         feats = s.features(samples)
         laps.lap("features")
-        batches.append(loop.collate(feats, [e for _, e in chunk], recipe, recipe.drafter, device, anchors))
+        batches.append(loop.collate(feats, [e for _, e in chunk], recipe, objective.anchored, device, anchors))
         laps.lap("collate")
     den = reduce_denominators([objective.denominators(b) for b in batches])
     blocks = slots = loss = 0.0

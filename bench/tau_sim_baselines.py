@@ -64,7 +64,8 @@ def main() -> int:
     from draftsmith.spec import NGramProposer
     from draftsmith.train import loop
     from draftsmith.train.anchors import sample_anchors
-    from draftsmith.train.objectives import ObjectiveConfig, build_objective
+    from draftsmith.drafters import build_objective
+    from draftsmith.train.objectives import ObjectiveConfig
     from draftsmith.train.parallel import init_distributed
     from draftsmith.train.recipe import load_recipe
     from draftsmith.train.setup import build_setup

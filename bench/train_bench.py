@@ -19,14 +19,15 @@ import subprocess
 import sys
 import time
 
-DRAFTERS = ("dspark", "dflash", "eagle3")
+from draftsmith.drafters import REGISTRY
 
 
 def child(drafter: str, target: str, data: str, steps: int, limit: int) -> dict:
     import torch
 
     from draftsmith.train import loop
-    from draftsmith.train.objectives import ObjectiveConfig, build_objective
+    from draftsmith.drafters import build_objective
+    from draftsmith.train.objectives import ObjectiveConfig
     from draftsmith.train.parallel import init_distributed
     from draftsmith.train.recipe import load_recipe
     from draftsmith.train.setup import build_setup
@@ -91,13 +92,13 @@ def main() -> int:
     p.add_argument("--data", default="../shared/data/sharegpt-smollm2-regen.jsonl")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--limit", type=int, default=64, help="training records (the cache covers them)")
-    p.add_argument("--child", choices=DRAFTERS, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=list(REGISTRY), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         print("RESULT " + json.dumps(child(a.child, a.target, a.data, a.steps, a.limit)), flush=True)
         return 0
     results = []
-    for d in DRAFTERS:
+    for d in REGISTRY:
         out = subprocess.run([sys.executable, __file__, "--child", d, "--target", a.target, "--data", a.data,
                               "--steps", str(a.steps), "--limit", str(a.limit)],
                              capture_output=True, text=True, check=False)

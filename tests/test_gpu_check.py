@@ -13,7 +13,8 @@ import torch
 
 from draftsmith.spec import engine as spec_engine
 from draftsmith.train import loop
-from draftsmith.train.objectives import ObjectiveConfig, build_objective
+from draftsmith.drafters import build_objective
+from draftsmith.train.objectives import ObjectiveConfig
 from draftsmith.train.parallel import DistInfo, grad_norm_and_clip
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,6 +12,7 @@ from draftsmith.models.dflash import DFlashConfig, build_dflash
 from draftsmith.models.dspark import DSparkConfig, build_dspark
 from draftsmith.models.eagle3 import Eagle3Config, Eagle3Model
 from draftsmith.models.vocab import scatter_draft_logits
+from draftsmith.drafters import build_objective
 from draftsmith.target.model import TargetModel
 from draftsmith.train.anchors import (
     all_anchors,
@@ -27,7 +28,6 @@ from draftsmith.train.objectives import (
     ObjectiveConfig,
     TauSimMeter,
     TrainBatch,
-    build_objective,
     position_weights,
     reduce_denominators,
     target_head_from,

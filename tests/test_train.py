@@ -41,7 +41,7 @@ def losses(run: Path) -> list[tuple[int, float]]:
                                             ("qwen3", "eagle3"), ("llama", "eagle3")])
 def test_tiny_targets_train_and_checkpoint_loads(world, tmp_path, family, drafter):
     from draftsmith.models.io import load_draft
-    from draftsmith.train.loop import train
+    from draftsmith.drafters import train
     from draftsmith.train.recipe import load_recipe
 
     recipe = load_recipe(str(make_recipe(tmp_path / "r.yaml", world[family], drafter)), ["train.max_steps=8"])
@@ -110,7 +110,7 @@ def test_torchrun_two_processes_match_one(world, tmp_path, parallel):
 
 
 def test_fp32_cache_gives_the_online_loss(world, tmp_path):
-    from draftsmith.train.loop import train
+    from draftsmith.drafters import train
     from draftsmith.train.recipe import load_recipe
 
     r = make_recipe(tmp_path / "r.yaml", world["llama"], "dspark",
@@ -125,7 +125,7 @@ def test_fp32_cache_gives_the_online_loss(world, tmp_path):
 
 
 def test_bad_inputs_fail_clearly(world, tmp_path):
-    from draftsmith.train.loop import train
+    from draftsmith.drafters import train
     from draftsmith.train.recipe import load_recipe
 
     r = make_recipe(tmp_path / "r.yaml", world["llama"], "dspark")

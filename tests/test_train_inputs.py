@@ -27,7 +27,7 @@ def _recipe(world, tmp_path, *overrides, **sections):
 
 
 def _train(recipe, data, run):
-    from draftsmith.train.loop import train
+    from draftsmith.drafters import train
 
     return train(recipe, str(data), run, progress=False)
 
@@ -138,7 +138,7 @@ def test_rerun_with_lower_max_steps_changes_nothing(world, tmp_path):
 def test_no_resume_starts_over_with_new_inputs(world, tmp_path):
     run = tmp_path / "run"
     _train(_recipe(world, tmp_path, "train.max_steps=2"), world["data"], run)
-    from draftsmith.train.loop import train
+    from draftsmith.drafters import train
 
     final = train(_recipe(world, tmp_path, "train.max_steps=2", "model.block_size=4"), str(world["data"]),
                   run, resume=False, progress=False)

@@ -97,10 +97,25 @@ def _module_command(sub, name: str, module: str, help: str, description: str | N
     p.set_defaults(func=mod.run)
 
 
+def _train_parser(sub) -> None:
+    """`train`: the train stage, handed its drafter's objective from the drafter registry."""
+    import functools
+
+    from draftsmith import drafters
+    from draftsmith.train import loop
+
+    names = ", ".join(f"{n} ({s.summary})" for n, s in drafters.REGISTRY.items())
+    p = sub.add_parser("train", help="train a draft of any registered drafter (CPU, GPU, torchrun)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="One train loop for every drafter. `--recipe` names a shipped "
+                                   "recipe (e.g. smollm2-135m/dspark) or a YAML path whose "
+                                   "`drafter:` is one of: " + names + ". `--set a.b=v` overrides "
+                                   "any key. Resumes from RUN/step_latest when present.")
+    loop.add_args(p)
+    p.set_defaults(func=functools.partial(loop.run, objective_for=drafters.objective_for))
+
+
 MODULE_COMMANDS = (
-    ("train", "draftsmith.train.loop", "train a DSpark, DFlash or Eagle3 draft (CPU, GPU, torchrun)",
-     "One train loop for every drafter. `--recipe` names a shipped recipe (e.g. smollm2-135m/dspark) "
-     "or a YAML path; `--set a.b=v` overrides any key. Resumes from RUN/step_latest when present."),
     ("eval", "draftsmith.eval.commands", "lossless speculative decoding benchmarks: tau, acceptance, "
      "tokens/s against plain decoding, report with plots",
      "Runs plain decoding of the target (the speedup's denominator), each --draft and each baseline "
@@ -127,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _target_parser(sub)
     _data_parser(sub)
     _cache_parser(sub)
+    _train_parser(sub)
     for name, module, help, description in MODULE_COMMANDS:
         _module_command(sub, name, module, help, description)
     return parser

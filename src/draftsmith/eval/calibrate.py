@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     stop_ids = stop_token_ids(tokenizer, hf_model.config, getattr(hf_model, "generation_config", None))
     settings = Settings(args.max_new_tokens, sampling_config(args), stop_ids, stop_ids[0], args.seed)
     decoder = build_decoders(hf_model, {"draft": args.draft}, [], settings, source)[-1]
-    if decoder.kind != "dspark" or not getattr(decoder.engine.proposer.model, "confidence_head", None):
+    if getattr(decoder.engine.proposer.model, "confidence_head", None) is None:
         raise InputError(f"--draft {args.draft}: calibration needs a DSpark draft with a confidence "
                          f"head (this is a {decoder.kind} draft without one)")
     from tqdm import tqdm

@@ -34,7 +34,8 @@ from draftsmith.eval.metrics import Tally
 from draftsmith.models.calibration import load_calibration
 from draftsmith.models.io import load_draft
 from draftsmith.spec import (
-    KeepAll, NGramProposer, PlainProposer, PMinRule, SamplingConfig, SpecEngine, SurvivalRule, proposer_for,
+    KeepAll, NGramProposer, PlainProposer, PMinRule, Proposer, SamplingConfig, SpecEngine, SurvivalRule,
+    proposer_for,
 )
 from draftsmith.target.model import TargetModel
 from draftsmith.utils.io import InputError
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 PLAIN = "plain"
 BASELINES = ("ngram",)
+ProposerFactory = Callable[[torch.nn.Module, int], Proposer]
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Decoder:
     """One row of the comparison: a name, what it is, and its engine."""
 
     name: str
-    kind: str  # "plain" | "ngram" | the draft's drafter ("dspark", "dflash", "eagle3")
+    kind: str  # "plain" | "ngram" | the draft's drafter kind (`config.drafter`)
     engine: SpecEngine
     path: str | None = None  # draft dir
     truncate: str = "none"  # the truncation rule this decoder runs with
@@ -146,9 +148,10 @@ def _check_draft(name: str, draft, hf_model) -> None:
 
 
 def build_decoders(hf_model, drafts: dict[str, str], baselines: list[str], settings: Settings,
-                   source=None) -> list[Decoder]:
+                   source=None, proposer_for: ProposerFactory = proposer_for) -> list[Decoder]:
     """Plain decoding first, then the baselines, then the drafts (NAME -> draft dir), all over
-    the one loaded `hf_model`."""
+    the one loaded `hf_model`. `proposer_for(draft model, num_draft_tokens)` makes each draft's
+    proposer (default: the one `spec` registers for the model's class)."""
     wrappers: dict[tuple[int, ...], TargetModel] = {}
     dtype = next(hf_model.parameters()).dtype
 

@@ -12,6 +12,10 @@ files plus `draftsmith_manifest.json` (manifest.py). Formats:
 | gguf | llama.cpp converter, checked | llama.cpp converter | from the vLLM dialect |
 | draftsmith | draftsmith's own draft dir (what `train --init-from` and `models.io.load_draft` read) |
 
+Each (format, drafter family) is one format adapter (`formats.FormatAdapter`): `ADAPTERS` below,
+picked by the draft config's class, so a drafter exports as the formats whose adapters take its
+config class (`formats_for`) and any other `--format` is refused in one line that lists them.
+
 `import_draft(path, target=None)` reads any of them — and DeepSpec's released checkpoints, z-lab's
 DFlash releases and foreign EAGLE-3 dirs — into a draftsmith model; export's `--draft` accepts all
 of them, so `--format draftsmith` turns a foreign checkpoint into one `train --init-from` and the
@@ -25,43 +29,56 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from draftsmith.engines.llama_cpp import LLAMA_CPP_VERSION
-from draftsmith.export import gguf
-from draftsmith.export.deepspec import (
-    DEEPSPEC_ARCHITECTURES,
-    ZLAB_ARCHITECTURE,
-    deepspec_files,
-    import_deepspec,
-    import_zlab,
-    is_zlab,
+from draftsmith.export.deepspec import DeepSpecFormat
+from draftsmith.export.eagle3 import Eagle3Format
+from draftsmith.export.formats import (
+    DTYPES, DraftsmithFormat, FormatAdapter, ReadContext, WriteContext, most_specific, takes_config,
 )
-from draftsmith.export.eagle3 import EAGLE3_ARCHITECTURES, eagle3_files, import_eagle3
+from draftsmith.export.gguf import GGUF_ADAPTERS, serve_settings
 from draftsmith.export.manifest import (
     MANIFEST_FILE,
-    TargetInfo,
     build_manifest,
     check_target_matches,
     describe_target,
     find_recipe,
     read_config,
     read_manifest,
-    serve_settings,
-    target_architectures,
-    target_hf_dir,
-    write_engine_dir,
 )
-from draftsmith.models.io import load_draft, write_draft_files
 from draftsmith.utils.io import InputError, atomic_dir, atomic_write_json
 
-__all__ = ["DTYPES", "FORMATS", "export", "import_draft", "resolve_draft_dir"]
+__all__ = ["ADAPTERS", "DTYPES", "FORMATS", "export", "formats_for", "import_draft", "resolve_draft_dir"]
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("deepspec", "sglang", "vllm", "speculators", "gguf", "draftsmith")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ADAPTERS: tuple[FormatAdapter, ...] = (
+    DeepSpecFormat("deepspec", zlab_layout=False),
+    DeepSpecFormat("sglang", zlab_layout=True), Eagle3Format("sglang"),
+    DeepSpecFormat("vllm", zlab_layout=True), Eagle3Format("vllm"),
+    Eagle3Format("speculators"),
+    *GGUF_ADAPTERS,
+    DraftsmithFormat(),
+)
+FORMATS = tuple(dict.fromkeys(a.name for a in ADAPTERS))
+READERS = (DraftsmithFormat, DeepSpecFormat, Eagle3Format)  # tried in this order
+
+
+def formats_for(cfg) -> dict[str, FormatAdapter]:
+    """--format -> adapter for a draft config (or config class): the formats it exports as."""
+    return {a.name: a for a in ADAPTERS if takes_config(a, cfg)}
+
+
+def adapter_for(fmt: str, cfg) -> FormatAdapter:
+    """The adapter of `fmt` for this draft; one line naming what else it exports as otherwise."""
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    adapter = most_specific([a for a in ADAPTERS if a.name == fmt], cfg)
+    if adapter is None:
+        holds = "; ".join(a.holds for a in ADAPTERS if a.name == fmt)
+        raise InputError(f"--format {fmt} does not take {cfg.drafter} drafts ({holds}); "
+                         f"{cfg.drafter} drafts export as: {', '.join(formats_for(cfg))}")
+    return adapter
 
 
 # --------------------------------------------------------------------------- import
@@ -83,35 +100,6 @@ def resolve_draft_dir(path: str | os.PathLike) -> Path:
     return p.resolve()
 
 
-def _target_name(target: str | None, manifest: dict | None, path: Path, why: str) -> str:
-    name = target or ((manifest or {}).get("target") or {}).get("id")
-    if not name:
-        raise InputError(f"{path}: {why}; pass the target (--target)")
-    return name
-
-
-def _target_embeddings(target: str):
-    """() -> (embedding [V, H], LM head [V, H]) of the target, loaded on first call."""
-    def load():
-        from draftsmith.target.model import load_target_model
-
-        hf, _ = load_target_model(target)
-        return (hf.get_input_embeddings().weight.detach(),
-                hf.get_output_embeddings().weight.detach())
-    return load
-
-
-def _target_layers(target: str) -> int:
-    from transformers import AutoConfig
-
-    from draftsmith.target.resolve import resolve_target
-
-    source = resolve_target(target)
-    kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
-    cfg = AutoConfig.from_pretrained(source.path, **kwargs)
-    return int(cfg.get_text_config().num_hidden_layers)
-
-
 def import_draft(path: str | os.PathLike, target: str | None = None) -> nn.Module:
     """Load any supported draft layout into a draftsmith model (weights in the file's dtype):
     draftsmith's own dir, DeepSpec-compatible (ours or DeepSpec's released layout), z-lab
@@ -120,26 +108,13 @@ def import_draft(path: str | os.PathLike, target: str | None = None) -> nn.Modul
     foreign EAGLE-3 dir's layer count and embedding."""
     path = resolve_draft_dir(path)
     data = read_config(path)
-    manifest = read_manifest(path)
-    archs = set(data.get("architectures") or [])
-    if "draftsmith" in data:
-        return load_draft(path)
-    if archs & set(DEEPSPEC_ARCHITECTURES):
-        return import_deepspec(path, data, manifest)
-    if ZLAB_ARCHITECTURE in archs or "dflash_config" in data:
-        name = _target_name(target, manifest, path, "z-lab's DFlash layout has no embedding or "
-                                                    "LM head (it shares the target's)")
-        return import_zlab(path, data, manifest, _target_embeddings(name))
-    if archs & EAGLE3_ARCHITECTURES or "speculators_model_type" in data:
-        layers = None
-        if not (manifest or {}).get("draftsmith_config"):
-            layers = _target_layers(_target_name(
-                target, manifest, path, "an EAGLE-3 config does not record the target's layer count"))
-        lazy = _target_embeddings(target or ((manifest or {}).get("target") or {}).get("id") or "")
-        return import_eagle3(path, data, manifest, layers, lazy)
-    raise InputError(f"{path / 'config.json'}: unknown draft layout (architectures {sorted(archs)}); "
-                     f"known: draftsmith's own dirs, {', '.join(DEEPSPEC_ARCHITECTURES)}, "
-                     f"{ZLAB_ARCHITECTURE}, {', '.join(sorted(EAGLE3_ARCHITECTURES))}")
+    ctx = ReadContext(path, read_manifest(path), target)
+    for reader in READERS:
+        if reader.detect(data):
+            return reader.read(path, data, ctx)
+    archs = sorted(data.get("architectures") or [])
+    raise InputError(f"{path / 'config.json'}: unknown draft layout (architectures {archs}); "
+                     f"known: {', '.join(r.reads for r in READERS)}")
 
 
 # --------------------------------------------------------------------------- export
@@ -158,70 +133,6 @@ def _provenance(src: Path) -> dict:
     return {"target": target, "max_trained_length": max_len,
             "source": {"draft_dir": str(src), "config_sha256": config_sha,
                        "recipe": "recipe.json" if recipe is not None else None}}
-
-
-def _refuse(fmt: str, cfg, why: str):
-    kind = "z-lab DFlash" if is_zlab(cfg) else cfg.drafter
-    raise InputError(f"--format {fmt} does not take a {kind} draft: {why}")
-
-
-def _write_dspark(fmt: str, model: nn.Module, staging: Path, dtype_name: str):
-    """DSpark / DFlash for deepspec, sglang, vllm -> (layout, files, layer ids, notes)."""
-    cfg = model.config
-    if is_zlab(cfg):
-        if fmt == "deepspec":
-            _refuse(fmt, cfg, "it computes another function than DeepSpec's (slot k predicts "
-                    "anchor + k, not anchor + k + 1), so a DeepSpec reader would run its block one "
-                    "slot off; export it as sglang, vllm or gguf (z-lab's layout)")
-        layout, notes = "zlab-dflash", ["z-lab DFlash layout: no embedding / LM head (shared "
-                                        "with the target)"]
-    elif cfg.pruned and fmt != "deepspec":
-        _refuse(fmt, cfg, f"its head is pruned ({cfg.draft_vocab} of {cfg.vocab_size} ids) and "
-                "that is a llama.cpp extension SGLang's DSPARK / vLLM's dspark are not verified "
-                "to read; export it as gguf, or as deepspec (the extension, for llama.cpp)")
-    elif cfg.pruned:
-        layout = "deepspec+llama.cpp-pruned-head"
-        notes = [f"pruned head ({cfg.draft_vocab} of {cfg.vocab_size} ids): written as the "
-                 "llama.cpp extension (draft_vocab_size + d2t; lm_head and markov_w2 with "
-                 f"{cfg.draft_vocab} rows). DeepSpec cannot load it; SGLang / vLLM are unverified; "
-                 "llama.cpp's converter reads it"]
-    else:
-        layout, notes = "deepspec", []
-    config, tensors, layer_ids = deepspec_files(model, dtype_name)
-    return layout, write_engine_dir(staging, config, tensors), layer_ids, notes
-
-
-def _write_format(fmt: str, model: nn.Module, dtype: str, staging: Path, info: TargetInfo):
-    """Write one format into `staging` -> (layout, files, layer-id record, notes, gguf extra)."""
-    cfg = model.config
-    dtype_name = str(DTYPES[dtype]).removeprefix("torch.")
-    verifier = {"name_or_path": info.name, "architectures": target_architectures(info)}
-    if fmt == "draftsmith":
-        write_draft_files(model, staging)
-        return ("draftsmith", ["config.json", "model.safetensors"],
-                {"engine_key": "draftsmith.config.target_layer_ids",
-                 "engine_values": list(cfg.target_layer_ids), "engine_convention": "i"}, [], None)
-    if fmt == "gguf":
-        gguf.convert(model, staging / gguf.GGUF_FILE, dtype, target_hf_dir(info), verifier)
-        shifted = [i + 1 for i in cfg.target_layer_ids]
-        arch = "eagle3" if cfg.drafter == "eagle3" else "dflash"
-        return ("gguf", [gguf.GGUF_FILE], {"engine_key": f"{arch}.target_layers",
-                                           "engine_values": shifted, "engine_convention": "i + 1"},
-                [], {"file": gguf.GGUF_FILE, "converter": f"llama.cpp {LLAMA_CPP_VERSION} "
-                     "convert_hf_to_gguf.py", "outtype": gguf.OUTTYPES[dtype]})
-    if cfg.drafter == "eagle3":
-        if fmt == "deepspec":
-            _refuse(fmt, cfg, "DeepSpec's format holds DSpark / DFlash (DeepSpec's own Eagle3 is "
-                    "not servable anywhere here); use sglang, vllm, speculators or gguf")
-        config, tensors, layer_ids = eagle3_files(model, fmt, dtype_name, verifier)
-        notes = []
-        if fmt == "sglang" and cfg.norm_before_residual:
-            notes.append("norm_before_residual: SGLang's support for it is unverified here")
-        return f"eagle3-{fmt}", write_engine_dir(staging, config, tensors), layer_ids, notes, None
-    if fmt == "speculators":
-        _refuse(fmt, cfg, "speculators' format here is Eagle3Speculator; export DSpark / DFlash "
-                "as deepspec, vllm (its dspark method), sglang or gguf")
-    return (*_write_dspark(fmt, model, staging, dtype_name), None)
 
 
 def export(draft_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
@@ -245,18 +156,20 @@ def export(draft_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *
                              "template) so engines pair the draft with its model: pass --target")
         model = import_draft(src, name).eval()
         info = describe_target(name)
-        check_target_matches(model.config, info)
+        cfg = model.config
+        check_target_matches(cfg, info)
         model = model.to(DTYPES[dtype])
         extra = dict(manifest_extra or {})
-        serve = serve_settings(model.config, (extra.pop("serve", None) or {}).get("p_min"))
-        layout, files, layer_ids, notes, gguf_extra = _write_format(fmt, model, dtype, staging, info)
+        serve = serve_settings(cfg, (extra.pop("serve", None) or {}).get("p_min"))
+        adapter = adapter_for(fmt, cfg)
+        adapter.check(cfg)
+        ctx = WriteContext(dtype, info)
+        files, notes = adapter.write(model, staging, ctx), adapter.notes(cfg)
         manifest = build_manifest(
-            fmt=fmt, layout=layout, cfg=model.config, target=info, dtype=dtype,
-            layer_ids=layer_ids, max_trained_length=prov["max_trained_length"], serve=serve,
-            files=files, notes=notes, source=prov["source"], extra=extra)
-        if gguf_extra is not None:
-            checked = gguf.check_gguf(staging / gguf.GGUF_FILE, model.config, manifest)
-            manifest["gguf"] = {**gguf_extra, "metadata_checked": checked}
+            fmt=fmt, layout=adapter.layout(cfg), cfg=cfg, target=info, dtype=dtype,
+            layer_ids=adapter.layer_ids(cfg), max_trained_length=prov["max_trained_length"],
+            serve=serve, files=files, notes=notes, source=prov["source"], extra=extra)
+        adapter.finish(staging, cfg, manifest, ctx)
         for note in notes:
             log.warning("%s: %s", out, note)
         atomic_write_json(staging / MANIFEST_FILE, manifest)

@@ -1,9 +1,11 @@
 """DeepSpec-compatible DSpark / DFlash drafts (DESIGN §4) and z-lab's DFlash layout, both ways.
 
-Export: `config.json` = the draft's Qwen3-style config with DeepSpec's keys and DeepSpec's
-conditional presence (`confidence_head_with_markov` only with the confidence head,
-`markov_head_type` only with a Markov head), tensors named as DeepSpec names them, bf16 by
-default, full vocabulary. That is what DeepSpec's classes, SGLang `DSPARK`, vLLM `dspark` and
+`DeepSpecFormat` is the adapter of `--format deepspec`, and of sglang / vllm for DSpark / DFlash.
+Export: `config.json` = the draft config's `engine_config()` (DeepSpec's keys with DeepSpec's
+conditional presence: `confidence_head_with_markov` only with the confidence head,
+`markov_head_type` only with a Markov head; written by `models.dspark`, the one place that
+defines them), checked here key by key; tensors named as DeepSpec names them, bf16 by default,
+full vocabulary. That is what DeepSpec's classes, SGLang `DSPARK`, vLLM `dspark` and
 llama.cpp's converter load. A pruned draft is written as the llama.cpp extension
 (`draft_vocab_size` + `d2t`, `lm_head` / `markov_w2` with V_draft rows) and the export says so:
 DeepSpec cannot load it. A z-lab-slot DFlash (slot k predicts anchor + k) computes a different
@@ -24,16 +26,16 @@ import torch
 from torch import nn
 
 from draftsmith.config import build_config
-from draftsmith.export.manifest import Key, check_keys, check_tensor_names, read_tensors
-from draftsmith.models.dflash import DFlashConfig
-from draftsmith.models.dspark import DSparkConfig
-from draftsmith.models.io import build_draft, check_tensors, config_from_json, draft_config_json
+from draftsmith.export.formats import (
+    FormatAdapter, ReadContext, WriteContext, config_from_manifest, load_weights, strip_model_prefix,
+)
+from draftsmith.export.manifest import Key, check_keys, check_tensor_names, read_tensors, write_engine_dir
+from draftsmith.models.base import engine_config_class
+from draftsmith.models.dflash import ZLAB_ARCHITECTURE, DFlashConfig
+from draftsmith.models.dspark import DEEPSPEC_ARCHITECTURES, DSparkConfig
+from draftsmith.models.io import build_draft
 from draftsmith.models.layers import geometry_from_target
-from draftsmith.models.vocab import check_vocab_maps
 from draftsmith.utils.io import InputError
-
-DEEPSPEC_ARCHITECTURES = ("Qwen3DSparkModel", "Gemma4DSparkModel")
-ZLAB_ARCHITECTURE = "DFlashDraftModel"
 
 
 def _has_conf(d: dict) -> bool:
@@ -146,14 +148,9 @@ def deepspec_tensor_names(cfg, with_embeddings: bool = True) -> list[str]:
 # --------------------------------------------------------------------------- export
 
 
-def is_zlab(cfg) -> bool:
-    return getattr(cfg, "slot_semantics", "deepspec") == "zlab"
-
-
 def deepspec_config(model: nn.Module, dtype_name: str) -> dict:
     """config.json of the DeepSpec layout, checked key by key (conditional keys strictly)."""
-    config = {k: v for k, v in draft_config_json(model).items() if k != "draftsmith"}
-    config["torch_dtype"] = dtype_name
+    config = {**model.config.engine_config(), "torch_dtype": dtype_name}
     check_keys(config, DEEPSPEC_KEYS, "DeepSpec config (export)", strict=True)
     return config
 
@@ -161,8 +158,8 @@ def deepspec_config(model: nn.Module, dtype_name: str) -> dict:
 def zlab_config(model: nn.Module, dtype_name: str) -> dict:
     """config.json of z-lab's DFlash layout: geometry, block_size, nested dflash_config."""
     cfg = model.config
-    config = {k: v for k, v in draft_config_json(model).items()
-              if k not in ("draftsmith", "mask_token_id", "target_layer_ids", "num_anchors",
+    config = {k: v for k, v in cfg.engine_config().items()
+              if k not in ("mask_token_id", "target_layer_ids", "num_anchors",
                            "enable_confidence_head", "markov_rank")}
     config["dflash_config"] = {"mask_token_id": cfg.mask_token_id, "block_size": cfg.block_size,
                                "target_layer_ids": list(cfg.target_layer_ids)}
@@ -172,55 +169,89 @@ def zlab_config(model: nn.Module, dtype_name: str) -> dict:
     return config
 
 
-def deepspec_files(model: nn.Module, dtype_name: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """(config, tensors, layer-id record) of the layout the draft was trained in: DeepSpec's
-    (pruned: the llama.cpp extension) or z-lab's. Tensors are the model's, in its dtype."""
+def block_files(model: nn.Module, dtype_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of the layout the draft computes: DeepSpec's (pruned: the llama.cpp
+    extension) for DeepSpec slots, else z-lab's. Tensors are the model's, in its dtype."""
     cfg = model.config
     state = model.state_dict()
-    if is_zlab(cfg):
+    if cfg.deepspec_slots:
+        names, optional = deepspec_tensor_names(cfg), set()
+        config = deepspec_config(model, dtype_name)
+    else:
         if cfg.pruned:
             raise InputError(f"a z-lab DFlash with a pruned head ({cfg.draft_vocab} of "
                              f"{cfg.vocab_size} ids) has no export layout: z-lab's layout carries "
                              "no LM head of its own (engines use the target's)")
         names = deepspec_tensor_names(cfg, with_embeddings=False)
+        optional = {"embed_tokens.weight", "lm_head.weight"}
         config = zlab_config(model, dtype_name)
-        layer_ids = {"engine_key": "dflash_config.target_layer_ids",
-                     "engine_values": list(cfg.target_layer_ids), "engine_convention": "i"}
-    else:
-        names = deepspec_tensor_names(cfg)
-        config = deepspec_config(model, dtype_name)
-        layer_ids = {"engine_key": "target_layer_ids", "engine_values": list(cfg.target_layer_ids),
-                     "engine_convention": "i (llama.cpp's converter adds 1)"}
-    optional = {"embed_tokens.weight", "lm_head.weight"} if is_zlab(cfg) else set()
     check_tensor_names(list(state), names, sorted(optional), "draft model vs the DeepSpec tensor map")
-    return config, {k: state[k] for k in names}, layer_ids
+    return config, {k: state[k] for k in names}
+
+
+class DeepSpecFormat(FormatAdapter):
+    """DSpark / DFlash for an engine that reads DeepSpec's layout: `deepspec` (a pruned head:
+    the llama.cpp extension, said so) or SGLang's DSPARK / vLLM's dspark (`zlab_layout`: z-lab
+    slots in z-lab's layout; a pruned head is refused, not verified there)."""
+
+    takes = DSparkConfig
+    holds = "DeepSpec's format holds DSpark / DFlash (DeepSpec's own Eagle3 is not servable anywhere here)"
+    reads = ", ".join([*DEEPSPEC_ARCHITECTURES, ZLAB_ARCHITECTURE])
+
+    def __init__(self, name: str, zlab_layout: bool):
+        self.name, self.zlab_layout = name, zlab_layout
+
+    def check(self, cfg) -> None:
+        if not cfg.deepspec_slots and not self.zlab_layout:
+            self.refuse(cfg, "it computes another function than DeepSpec's (slot k predicts anchor + "
+                        "k, not anchor + k + 1), so a DeepSpec reader would run its block one slot "
+                        "off; export it as sglang, vllm or gguf (z-lab's layout)", kind="z-lab DFlash")
+        if cfg.deepspec_slots and cfg.pruned and self.zlab_layout:
+            self.refuse(cfg, f"its head is pruned ({cfg.draft_vocab} of {cfg.vocab_size} ids) and "
+                        "that is a llama.cpp extension SGLang's DSPARK / vLLM's dspark are not "
+                        "verified to read; export it as gguf, or as deepspec (the extension, for "
+                        "llama.cpp)")
+
+    def layout(self, cfg) -> str:
+        if not cfg.deepspec_slots:
+            return "zlab-dflash"
+        return "deepspec+llama.cpp-pruned-head" if cfg.pruned else "deepspec"
+
+    def notes(self, cfg) -> list[str]:
+        if not cfg.deepspec_slots:
+            return ["z-lab DFlash layout: no embedding / LM head (shared with the target)"]
+        if cfg.pruned:
+            return [f"pruned head ({cfg.draft_vocab} of {cfg.vocab_size} ids): written as the "
+                    "llama.cpp extension (draft_vocab_size + d2t; lm_head and markov_w2 with "
+                    f"{cfg.draft_vocab} rows). DeepSpec cannot load it; SGLang / vLLM are "
+                    "unverified; llama.cpp's converter reads it"]
+        return []
+
+    def layer_ids(self, cfg) -> dict:
+        if not cfg.deepspec_slots:
+            return {"engine_key": "dflash_config.target_layer_ids",
+                    "engine_values": list(cfg.target_layer_ids), "engine_convention": "i"}
+        return {"engine_key": "target_layer_ids", "engine_values": list(cfg.target_layer_ids),
+                "engine_convention": "i (llama.cpp's converter adds 1)"}
+
+    def write(self, draft, out_dir, ctx: WriteContext) -> list[str]:
+        return write_engine_dir(out_dir, *block_files(draft, ctx.dtype_name))
+
+    @classmethod
+    def detect(cls, data: dict) -> bool:
+        archs = set(data.get("architectures") or [])
+        return bool(archs & set(DEEPSPEC_ARCHITECTURES)) or ZLAB_ARCHITECTURE in archs or "dflash_config" in data
+
+    @classmethod
+    def read(cls, path: Path, data: dict, ctx: ReadContext) -> nn.Module:
+        if set(data.get("architectures") or []) & set(DEEPSPEC_ARCHITECTURES):
+            return import_deepspec(path, data, ctx.manifest)
+        name = ctx.target_name("z-lab's DFlash layout has no embedding or LM head (it shares the "
+                               "target's)")
+        return import_zlab(path, data, ctx.manifest, ctx.target_embeddings(name))
 
 
 # --------------------------------------------------------------------------- import
-
-
-def _strip_model_prefix(tensors: dict, expected: set[str]) -> dict:
-    """Accept `model.`-prefixed names (some savers add it) when the plain names are expected."""
-    if tensors and not set(tensors) & expected and all(k.startswith("model.") for k in tensors):
-        return {k.removeprefix("model."): v for k, v in tensors.items()}
-    return tensors
-
-
-def _load_weights(model: nn.Module, tensors: dict, where: str) -> nn.Module:
-    tensors = _strip_model_prefix(tensors, set(model.state_dict()))
-    check_tensors(model, tensors, where)
-    model.to(tensors["fc.weight"].dtype).load_state_dict(tensors, strict=True)
-    if model.config.pruned:
-        model.refresh_t2d()
-        check_vocab_maps(model.d2t, model.t2d)
-    return model
-
-
-def _config_from_manifest(manifest: dict | None, cls, where: str):
-    meta = (manifest or {}).get("draftsmith_config") or {}
-    if meta.get("kind") != cls.drafter:
-        return None
-    return build_config(cls, dict(meta.get("config") or {}), where=f"{where}: draftsmith_config")
 
 
 def _agree(cfg, data: dict, pairs: dict, where: str) -> None:
@@ -239,15 +270,15 @@ def import_deepspec(path: Path, data: dict, manifest: dict | None) -> nn.Module:
     if -1 in list(data["target_layer_ids"]):
         raise InputError(f"{where}: target_layer_ids {data['target_layer_ids']} uses DeepSpec's -1 "
                          "(the embedding output); draftsmith's features are decoder-layer outputs")
-    cls = DSparkConfig if _has_markov(data) or _has_conf(data) else DFlashConfig
-    cfg = _config_from_manifest(manifest, cls, where)
+    cls = engine_config_class(data, where)
+    cfg = config_from_manifest(manifest, cls, where)
     if cfg is not None:
         _agree(cfg, data, {"mask_token_id": "mask_token_id", "block_size": "block_size",
                            "target_layer_ids": "target_layer_ids", "markov_rank": "markov_rank",
                            "num_hidden_layers": "num_hidden_layers"}, where)
     else:
-        cfg = config_from_json({k: v for k, v in data.items() if k != "draftsmith"}, where)
-    return _load_weights(build_draft(cfg), read_tensors(path), where)
+        cfg = cls.from_engine_config(data, where)
+    return load_weights(build_draft(cfg), strip_model_prefix(read_tensors(path)), where)
 
 
 def _zlab_config(data: dict, manifest: dict | None, where: str) -> DFlashConfig:
@@ -259,7 +290,7 @@ def _zlab_config(data: dict, manifest: dict | None, where: str) -> DFlashConfig:
     if sliding and data.get("use_sliding_window"):
         raise InputError(f"{where}: layer_types {data['layer_types']} use sliding-window attention, "
                          "which draftsmith's DFlash layers do not implement")
-    cfg = _config_from_manifest(manifest, DFlashConfig, where)
+    cfg = config_from_manifest(manifest, DFlashConfig, where)
     if cfg is not None:
         return cfg
     nested = data["dflash_config"]
@@ -279,10 +310,10 @@ def import_zlab(path: Path, data: dict, manifest: dict | None, target_embeddings
     where = str(path / "config.json")
     check_keys(data, ZLAB_KEYS, where)
     cfg = _zlab_config(data, manifest, where)
-    tensors = _strip_model_prefix(read_tensors(path), {"fc.weight"})
+    tensors = strip_model_prefix(read_tensors(path))
     if "embed_tokens.weight" not in tensors or "lm_head.weight" not in tensors:
         embed, head = target_embeddings()
         dtype = tensors["fc.weight"].dtype
         tensors.setdefault("embed_tokens.weight", embed.to(dtype))
         tensors.setdefault("lm_head.weight", head.to(dtype))
-    return _load_weights(build_draft(cfg), tensors, where)
+    return load_weights(build_draft(cfg), tensors, where)

@@ -1,4 +1,4 @@
-"""EAGLE-3 in the three dialects engines read (DESIGN §3.1, §4), both ways.
+"""EAGLE-3 in the three dialects engines read (DESIGN §3.1, §4), both ways: `Eagle3Format`.
 
 | dialect | architectures | layer ids | layer tensors |
 |---|---|---|---|
@@ -22,11 +22,14 @@ import torch
 from torch import nn
 
 from draftsmith.config import build_config
-from draftsmith.export.manifest import Key, check_keys, check_tensor_names, read_tensors
+from draftsmith.export.formats import (
+    FormatAdapter, ReadContext, WriteContext, config_from_manifest, load_weights, strip_model_prefix,
+)
+from draftsmith.export.manifest import Key, check_keys, check_tensor_names, read_tensors, write_engine_dir
 from draftsmith.models.eagle3 import Eagle3Config, default_eagle3_layers
-from draftsmith.models.io import build_draft, check_tensors, draft_config_json
+from draftsmith.models.io import build_draft
 from draftsmith.models.layers import geometry_from_target
-from draftsmith.models.vocab import check_vocab_maps, t2d_from_ids, ids_from_d2t
+from draftsmith.models.vocab import t2d_from_ids, ids_from_d2t
 from draftsmith.utils.io import InputError
 
 DIALECTS = ("sglang", "vllm", "speculators")
@@ -34,6 +37,7 @@ ARCHITECTURES = {"sglang": "LlamaForCausalLMEagle3", "vllm": "Eagle3LlamaForCaus
                  "speculators": "Eagle3Speculator"}
 EAGLE3_ARCHITECTURES = {"LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Eagle3Speculator",
                         "Eagle3DraftModel"}
+SPECULATORS_TYPE = "eagle3"  # speculators' model type and algorithm name
 NESTED_IDS = "eagle_config.eagle_aux_hidden_state_layer_ids"
 TOP_IDS = "eagle_aux_hidden_state_layer_ids"
 
@@ -125,7 +129,7 @@ def eagle3_config(model: nn.Module, dialect: str, dtype_name: str, verifier: dic
     """config.json of one dialect, checked key by key. `verifier`: {"name_or_path",
     "architectures"} of the target (speculators only)."""
     cfg = model.config
-    ours = {k: v for k, v in draft_config_json(model).items() if k != "draftsmith"}
+    ours = cfg.engine_config()
     ids = list(cfg.target_layer_ids)
     base = {k: v for k, v in ours.items() if k not in ("eagle_config", "norm_before_residual")}
     if cfg.norm_before_residual:
@@ -138,9 +142,9 @@ def eagle3_config(model: nn.Module, dialect: str, dtype_name: str, verifier: dic
         config = {**base, TOP_IDS: [i + 1 for i in ids]}
     else:
         config = {
-            "architectures": [ARCHITECTURES[dialect]], "speculators_model_type": "eagle3",
+            "architectures": [ARCHITECTURES[dialect]], "speculators_model_type": SPECULATORS_TYPE,
             "speculators_config": {
-                "algorithm": "eagle3", "default_proposal_method": "greedy",
+                "algorithm": SPECULATORS_TYPE, "default_proposal_method": "greedy",
                 "proposal_methods": [{"proposal_type": "greedy",
                                       "speculative_tokens": cfg.ttt_length}],
                 "verifier": dict(verifier)},
@@ -152,21 +156,60 @@ def eagle3_config(model: nn.Module, dialect: str, dtype_name: str, verifier: dic
     return config
 
 
+def dialect_layer_ids(cfg, dialect: str) -> dict:
+    """How a dialect writes the layer ids: nested `i` (SGLang) or top-level `i + 1`."""
+    ids = list(cfg.target_layer_ids)
+    if dialect == "sglang":
+        return {"engine_key": NESTED_IDS, "engine_values": ids, "engine_convention": "i"}
+    return {"engine_key": TOP_IDS, "engine_values": [i + 1 for i in ids], "engine_convention": "i + 1"}
+
+
 def eagle3_files(model: nn.Module, dialect: str, dtype_name: str, verifier: dict):
-    """(config, tensors, layer-id record) of one dialect; tensors in the model's dtype."""
+    """(config, tensors) of one dialect; tensors in the model's dtype."""
     state = model.state_dict()
     prefix = layer_prefix(dialect)
     tensors = {(prefix + k.removeprefix("midlayer.")) if k.startswith("midlayer.") else k: v
                for k, v in state.items()}
     required, optional = tensor_names(dialect)
     check_tensor_names(list(tensors), required, optional, f"draft model vs the {dialect} tensor map")
-    ids = list(model.config.target_layer_ids)
-    if dialect == "sglang":
-        layer_ids = {"engine_key": NESTED_IDS, "engine_values": ids, "engine_convention": "i"}
-    else:
-        layer_ids = {"engine_key": TOP_IDS, "engine_values": [i + 1 for i in ids],
-                     "engine_convention": "i + 1"}
-    return eagle3_config(model, dialect, dtype_name, verifier), tensors, layer_ids
+    return eagle3_config(model, dialect, dtype_name, verifier), tensors
+
+
+class Eagle3Format(FormatAdapter):
+    """EAGLE-3 in one engine dialect (`--format sglang`, `vllm` or `speculators`)."""
+
+    takes = Eagle3Config
+    reads = ", ".join(sorted(EAGLE3_ARCHITECTURES))
+
+    def __init__(self, dialect: str):
+        self.name = dialect
+        self.holds = f"it holds EAGLE-3 as {ARCHITECTURES[dialect]}"
+
+    def layout(self, cfg) -> str:
+        return f"eagle3-{self.name}"
+
+    def notes(self, cfg) -> list[str]:
+        if self.name == "sglang" and cfg.norm_before_residual:
+            return ["norm_before_residual: SGLang's support for it is unverified here"]
+        return []
+
+    def layer_ids(self, cfg) -> dict:
+        return dialect_layer_ids(cfg, self.name)
+
+    def write(self, draft, out_dir, ctx: WriteContext) -> list[str]:
+        return write_engine_dir(out_dir, *eagle3_files(draft, self.name, ctx.dtype_name, ctx.verifier))
+
+    @classmethod
+    def detect(cls, data: dict) -> bool:
+        return bool(set(data.get("architectures") or []) & EAGLE3_ARCHITECTURES) \
+            or "speculators_model_type" in data
+
+    @classmethod
+    def read(cls, path: Path, data: dict, ctx: ReadContext) -> nn.Module:
+        layers = None
+        if not (ctx.manifest or {}).get("draftsmith_config"):
+            layers = ctx.target_layers("an EAGLE-3 config does not record the target's layer count")
+        return import_eagle3(path, data, ctx.manifest, layers, ctx.target_embeddings())
 
 
 # --------------------------------------------------------------------------- import
@@ -190,10 +233,8 @@ def _layer_ids(data: dict, dialect: str, num_target_layers: int) -> list[int]:
 
 
 def _eagle3_config(data: dict, manifest: dict | None, num_target_layers: int | None, where: str):
-    meta = (manifest or {}).get("draftsmith_config") or {}
-    if meta.get("kind") == "eagle3":
-        cfg = build_config(Eagle3Config, dict(meta.get("config") or {}),
-                           where=f"{where}: draftsmith_config")
+    cfg = config_from_manifest(manifest, Eagle3Config, where)
+    if cfg is not None:
         written = _layer_ids(data, detect_dialect(data), cfg.num_target_layers)
         if written != cfg.target_layer_ids or data["draft_vocab_size"] != cfg.draft_vocab:
             raise InputError(f"{where}: config.json (layer ids {written}, draft_vocab_size "
@@ -237,16 +278,9 @@ def import_eagle3(path: Path, data: dict, manifest: dict | None, num_target_laye
     required = [k for k in KEYS[dialect] if k.name not in (NESTED_IDS, TOP_IDS)]
     check_keys(data, required, where)
     cfg = _eagle3_config(data, manifest, num_target_layers, where)
-    tensors = read_tensors(path)
-    if tensors and all(k.startswith("model.") for k in tensors):
-        tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
     tensors = {("midlayer." + k.removeprefix("layers.0.")) if k.startswith("layers.0.") else k: v
-               for k, v in tensors.items()}
+               for k, v in strip_model_prefix(read_tensors(path)).items()}
     if "embed_tokens.weight" not in tensors:
         tensors["embed_tokens.weight"] = target_embeddings()[0].to(tensors["fc.weight"].dtype)
     _vocab_maps(tensors, cfg, where)
-    model = build_draft(cfg)
-    check_tensors(model, tensors, where)
-    model.to(tensors["fc.weight"].dtype).load_state_dict(tensors, strict=True)
-    check_vocab_maps(model.d2t, model.t2d)
-    return model
+    return load_weights(build_draft(cfg), tensors, where)

@@ -22,13 +22,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 from torch import nn
 
 from draftsmith.engines import llama_cpp
-from draftsmith.export.deepspec import deepspec_files, is_zlab
+from draftsmith.engines.llama_cpp import LLAMA_CPP_VERSION
+from draftsmith.export.deepspec import block_files
 from draftsmith.export.eagle3 import eagle3_files
+from draftsmith.export.formats import FormatAdapter, WriteContext, most_specific
 from draftsmith.export.manifest import TargetInfo, target_hf_dir, write_engine_dir
+from draftsmith.models.dspark import DSparkConfig
+from draftsmith.models.eagle3 import Eagle3Config
 from draftsmith.utils.io import InputError
 from draftsmith.utils.paths import cache_root
 
@@ -36,89 +41,203 @@ GGUF_FILE = "draft.gguf"
 OUTTYPES = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}
 
 
+class GGUFFormat(FormatAdapter):
+    """`--format gguf` for one family of drafts: staged in the dialect llama.cpp's converter
+    reads, converted, read back and checked. Subclasses say what llama.cpp calls the family
+    (`arch`), what it cannot serve, how to stage it, what the GGUF must hold and how
+    llama-server runs it."""
+
+    name = "gguf"
+    holds = "llama.cpp's GGUF"
+    readable: ClassVar[bool] = False
+    arch: ClassVar[str] = ""  # general.architecture
+
+    def servable_problems(self, cfg) -> list[str]:
+        return []
+
+    def stage(self, model: nn.Module, dtype_name: str, verifier: dict) -> tuple[dict, dict]:
+        """(config, tensors) of the checkpoint handed to the converter."""
+        raise NotImplementedError
+
+    def metadata(self, cfg) -> dict:
+        """GGUF key/values the converter must have written (DESIGN §4)."""
+        shifted = [i + 1 for i in cfg.target_layer_ids]
+        return {"general.architecture": self.arch, f"{self.arch}.target_layers": shifted}
+
+    def tensors(self, cfg) -> tuple[set[str], set[str]]:
+        """(GGUF tensor names that must be present, names that must be absent)."""
+        return {"fc.weight"}, set()
+
+    def llama_server(self, cfg) -> tuple[str, int]:
+        """(--spec-type, --spec-draft-n-max) llama-server runs the draft with."""
+        raise NotImplementedError
+
+    def check(self, cfg) -> None:
+        problems = self.servable_problems(cfg)
+        if problems:
+            raise InputError("llama.cpp cannot serve this draft, so no GGUF is written:\n"
+                             + "\n".join(f"  - {p}" for p in problems))
+
+    def layer_ids(self, cfg) -> dict:
+        return {"engine_key": f"{self.arch}.target_layers",
+                "engine_values": [i + 1 for i in cfg.target_layer_ids], "engine_convention": "i + 1"}
+
+    def write(self, draft, out_dir, ctx: WriteContext) -> list[str]:
+        """Stage the draft (its tensors in the export dtype) and run llama.cpp's converter with
+        the matching outtype (bf16 | fp16 -> f16 | fp32 -> f32)."""
+        dtype_name = str(draft.fc.weight.dtype).removeprefix("torch.")
+        with tempfile.TemporaryDirectory(prefix="draftsmith-gguf-") as tmp:
+            staging = Path(tmp) / "draft"
+            write_engine_dir(staging, *self.stage(draft, dtype_name, ctx.verifier))
+            llama_cpp.convert_hf_to_gguf(staging, out_dir / GGUF_FILE, outtype=OUTTYPES[ctx.dtype],
+                                         target_model_dir=target_hf_dir(ctx.target))
+        return [GGUF_FILE]
+
+    def finish(self, out_dir, cfg, manifest, ctx) -> None:
+        extra = {"file": GGUF_FILE, "converter": f"llama.cpp {LLAMA_CPP_VERSION} convert_hf_to_gguf.py",
+                 "outtype": OUTTYPES[ctx.dtype]}
+        manifest["gguf"] = {**extra, "metadata_checked": check_gguf(out_dir / GGUF_FILE, cfg, manifest)}
+
+
+class BlockGGUF(GGUFFormat):
+    """DSpark / DFlash: llama.cpp's `dflash` architecture, staged in DeepSpec's layout (the pruned
+    extension included) or z-lab's."""
+
+    takes = DSparkConfig
+    arch = "dflash"
+
+    def servable_problems(self, cfg) -> list[str]:
+        problems = []
+        if cfg.markov_rank > 0 and cfg.markov_head_type != "vanilla":
+            problems.append(f"markov_head_type {cfg.markov_head_type!r}: llama.cpp converts only the "
+                            "vanilla Markov head (bias = W2·W1[prev]); the gated and rnn heads run "
+                            "only in draftsmith's engine")
+        if cfg.enable_confidence_head and not (cfg.confidence_head_with_markov and cfg.markov_rank > 0):
+            problems.append("a confidence head without Markov features: llama.cpp's head reads "
+                            "[h; W1[prev]] (H + r inputs); this one converts but llama-server fails "
+                            "to load it")
+        return problems + (gemma_problems(cfg) if cfg.family == "gemma" else [])
+
+    def stage(self, model, dtype_name, verifier):
+        cfg = model.config
+        config, tensors = block_files(model, dtype_name)
+        if not cfg.pruned and cfg.family != "gemma" and cfg.deepspec_slots:
+            tensors.pop("embed_tokens.weight")  # see the module docstring
+        return config, tensors
+
+    def metadata(self, cfg) -> dict:
+        expected = {**super().metadata(cfg), "dflash.block_size": cfg.block_size,
+                    "tokenizer.ggml.mask_token_id": cfg.mask_token_id}
+        if cfg.deepspec_slots:
+            expected["dflash.sample_from_anchor"] = True
+            expected["dflash.has_confidence_head"] = bool(cfg.enable_confidence_head)
+        return expected
+
+    def tensors(self, cfg) -> tuple[set[str], set[str]]:
+        present, absent = super().tensors(cfg)
+        if cfg.pruned:
+            present |= {"output.weight", "d2t"}
+        elif cfg.family != "gemma":
+            absent |= {"output.weight", "token_embd.weight"}  # both shared from the target
+        if cfg.markov_rank > 0:
+            present |= {"markov_w1.weight", "markov_w2.weight"}
+        (present if cfg.enable_confidence_head else absent).add("conf_proj.weight")
+        return present, absent
+
+    def llama_server(self, cfg) -> tuple[str, int]:
+        """DeepSpec slots run as `draft-dspark` with n_max = block size (llama.cpp would otherwise
+        auto-pick draft-dflash for a head-less draft and read the block one slot off); z-lab
+        slots as `draft-dflash`, n_max = block size - 1 (slot 0 is the anchor)."""
+        if cfg.deepspec_slots:
+            return "draft-dspark", cfg.block_size
+        return "draft-dflash", cfg.block_size - 1
+
+
+def gemma_problems(cfg) -> list[str]:
+    """What llama.cpp's Gemma DSpark does not run."""
+    problems = []
+    if not cfg.attention_k_eq_v:
+        problems.append("a Gemma draft without attention_k_eq_v: llama.cpp's Gemma DSpark "
+                        "converter requires K = V")
+    if cfg.pruned:
+        problems.append(f"a Gemma draft with a pruned head ({cfg.draft_vocab} of "
+                        f"{cfg.vocab_size} ids): llama.cpp requires Gemma's full vocabulary")
+    if cfg.final_logit_softcapping:
+        problems.append(f"final_logit_softcapping {cfg.final_logit_softcapping}: llama.cpp's "
+                        "Gemma DSpark does not apply a softcap, so its logits would differ")
+    if cfg.hidden_act != "gelu_pytorch_tanh":
+        problems.append(f"hidden_act {cfg.hidden_act!r}: llama.cpp's Gemma DSpark requires "
+                        "gelu_pytorch_tanh")
+    return problems
+
+
+class Eagle3GGUF(GGUFFormat):
+    """EAGLE-3: llama.cpp's `eagle3` architecture, staged in the vLLM dialect (from SGLang's nested
+    key the converter would silently fall back to its default layers)."""
+
+    takes = Eagle3Config
+    arch = "eagle3"
+    dialect = "vllm"
+
+    def stage(self, model, dtype_name, verifier):
+        return eagle3_files(model, self.dialect, dtype_name, verifier)
+
+    def metadata(self, cfg) -> dict:
+        return {**super().metadata(cfg), "eagle3.target_hidden_size": cfg.hidden_size,
+                "eagle3.norm_before_residual": cfg.norm_before_residual}
+
+    def tensors(self, cfg) -> tuple[set[str], set[str]]:
+        present, absent = super().tensors(cfg)
+        return present | {"output.weight", "d2t"}, absent
+
+    def llama_server(self, cfg) -> tuple[str, int]:
+        return "draft-eagle3", cfg.ttt_length
+
+
+GGUF_ADAPTERS = (BlockGGUF(), Eagle3GGUF())
+
+
+def gguf_adapter(cfg) -> GGUFFormat:
+    adapter = most_specific(GGUF_ADAPTERS, cfg)
+    if adapter is None:
+        raise InputError(f"llama.cpp has no architecture for a {cfg.drafter} draft")
+    return adapter
+
+
 # --------------------------------------------------------------------------- what llama.cpp serves
 
 
 def servable_problems(cfg) -> list[str]:
     """Why llama.cpp cannot serve this draft (empty: it can)."""
-    if cfg.drafter == "eagle3":
-        return []
-    problems = []
-    if cfg.markov_rank > 0 and cfg.markov_head_type != "vanilla":
-        problems.append(f"markov_head_type {cfg.markov_head_type!r}: llama.cpp converts only the "
-                        "vanilla Markov head (bias = W2·W1[prev]); the gated and rnn heads run only "
-                        "in draftsmith's engine")
-    if cfg.enable_confidence_head and not (cfg.confidence_head_with_markov and cfg.markov_rank > 0):
-        problems.append("a confidence head without Markov features: llama.cpp's head reads "
-                        "[h; W1[prev]] (H + r inputs); this one converts but llama-server fails to "
-                        "load it")
-    if cfg.family == "gemma":
-        if not cfg.attention_k_eq_v:
-            problems.append("a Gemma draft without attention_k_eq_v: llama.cpp's Gemma DSpark "
-                            "converter requires K = V")
-        if cfg.pruned:
-            problems.append(f"a Gemma draft with a pruned head ({cfg.draft_vocab} of "
-                            f"{cfg.vocab_size} ids): llama.cpp requires Gemma's full vocabulary")
-        if cfg.final_logit_softcapping:
-            problems.append(f"final_logit_softcapping {cfg.final_logit_softcapping}: llama.cpp's "
-                            "Gemma DSpark does not apply a softcap, so its logits would differ")
-        if cfg.hidden_act != "gelu_pytorch_tanh":
-            problems.append(f"hidden_act {cfg.hidden_act!r}: llama.cpp's Gemma DSpark requires "
-                            "gelu_pytorch_tanh")
-    return problems
+    return gguf_adapter(cfg).servable_problems(cfg)
 
 
 def check_servable(cfg) -> None:
-    problems = servable_problems(cfg)
-    if problems:
-        raise InputError("llama.cpp cannot serve this draft, so no GGUF is written:\n"
-                         + "\n".join(f"  - {p}" for p in problems))
-
-
-# --------------------------------------------------------------------------- staging + conversion
-
-
-def stage_for_converter(model: nn.Module, dtype_name: str, verifier: dict, staging: Path) -> None:
-    """Write the checkpoint in the dialect the converter reads correctly."""
-    cfg = model.config
-    if cfg.drafter == "eagle3":
-        config, tensors, _ = eagle3_files(model, "vllm", dtype_name, verifier)
-    else:
-        config, tensors, _ = deepspec_files(model, dtype_name)
-        if not cfg.pruned and cfg.family != "gemma" and not is_zlab(cfg):
-            tensors.pop("embed_tokens.weight")  # see the module docstring
-    write_engine_dir(staging, config, tensors)
+    gguf_adapter(cfg).check(cfg)
 
 
 def expected_metadata(cfg) -> dict:
     """GGUF key/values the converter must have written for this draft (DESIGN §4)."""
-    shifted = [i + 1 for i in cfg.target_layer_ids]
-    if cfg.drafter == "eagle3":
-        return {"general.architecture": "eagle3", "eagle3.target_layers": shifted,
-                "eagle3.target_hidden_size": cfg.hidden_size,
-                "eagle3.norm_before_residual": cfg.norm_before_residual}
-    expected = {"general.architecture": "dflash", "dflash.target_layers": shifted,
-                "dflash.block_size": cfg.block_size,
-                "tokenizer.ggml.mask_token_id": cfg.mask_token_id}
-    if not is_zlab(cfg):
-        expected["dflash.sample_from_anchor"] = True
-        expected["dflash.has_confidence_head"] = bool(cfg.enable_confidence_head)
-    return expected
+    return gguf_adapter(cfg).metadata(cfg)
 
 
 def expected_tensors(cfg) -> tuple[set[str], set[str]]:
     """(GGUF tensor names that must be present, names that must be absent)."""
-    present, absent = {"fc.weight"}, set()
-    if cfg.drafter == "eagle3":
-        return present | {"output.weight", "d2t"}, absent
-    if cfg.pruned:
-        present |= {"output.weight", "d2t"}
-    elif cfg.family != "gemma":
-        absent |= {"output.weight", "token_embd.weight"}  # both shared from the target
-    if cfg.markov_rank > 0:
-        present |= {"markov_w1.weight", "markov_w2.weight"}
-    (present if cfg.enable_confidence_head else absent).add("conf_proj.weight")
-    return present, absent
+    return gguf_adapter(cfg).tensors(cfg)
+
+
+def serve_settings(cfg, p_min: float | None = None) -> dict:
+    """llama.cpp settings the draft was trained for (the manifest's `serve`, whatever the
+    format): `spec_type` and `n_max` from the draft's GGUF adapter (`llama_server`). `p_min`
+    (truncate at the first slot whose σ(c_k) < p_min) needs a confidence head."""
+    spec_type, n_max = gguf_adapter(cfg).llama_server(cfg)
+    if p_min is not None and not getattr(cfg, "enable_confidence_head", False):
+        raise InputError(f"serve.p_min {p_min}: llama.cpp truncates on the confidence head and "
+                         "refuses --spec-draft-p-min for a draft without one")
+    args = ["--spec-type", spec_type, "--spec-draft-n-max", str(n_max)]
+    if p_min is not None:
+        args += ["--spec-draft-p-min", str(p_min)]
+    return {"spec_type": spec_type, "n_max": n_max, "p_min": p_min, "llama_server_args": args}
 
 
 _TENSOR_NAMES = r"""
@@ -156,18 +275,6 @@ def check_gguf(path: Path, cfg, manifest: dict) -> dict:
         raise llama_cpp.LlamaCppError(f"{path}: the converted GGUF does not match the manifest:\n"
                                       + "\n".join(f"  - {w}" for w in wrong))
     return {k: meta[k] for k in expected}
-
-
-def convert(model: nn.Module, out_file: Path, dtype: str, target_hf: Path, verifier: dict) -> None:
-    """Stage the draft (its tensors in the export dtype) and run llama.cpp's converter with the
-    matching outtype (bf16 | fp16 -> f16 | fp32 -> f32)."""
-    check_servable(model.config)
-    dtype_name = str(model.fc.weight.dtype).removeprefix("torch.")
-    with tempfile.TemporaryDirectory(prefix="draftsmith-gguf-") as tmp:
-        staging = Path(tmp) / "draft"
-        stage_for_converter(model, dtype_name, verifier, staging)
-        llama_cpp.convert_hf_to_gguf(staging, out_file, outtype=OUTTYPES[dtype],
-                                     target_model_dir=target_hf)
 
 
 # --------------------------------------------------------------------------- serving once

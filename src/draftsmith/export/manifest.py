@@ -11,7 +11,7 @@ right target and run it the way it was trained:
   (DESIGN §3.1: DeepSpec and SGLang `i`, vLLM / speculators / GGUF `i + 1`);
 - mask token, block size, max trained length, draft vocabulary, export dtype, draftsmith version;
 - `serve`: the llama.cpp settings the draft was trained for (`spec_type`, `n_max`, `p_min`) and
-  the exact server arguments they give;
+  the exact server arguments they give (`gguf.serve_settings`);
 - the drafter's full typed config, so importing the export back loses nothing.
 
 Key maps: every format module lists its config keys as `Key`s, each with the reason an engine
@@ -304,30 +304,6 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
         raise InputError(f"{file}: manifest version {data.get('version')!r} is newer than this "
                          f"draftsmith reads ({MANIFEST_VERSION})")
     return data
-
-
-# --------------------------------------------------------------------------- serving settings
-
-
-def serve_settings(cfg, p_min: float | None = None) -> dict:
-    """llama.cpp settings the draft was trained for. DSpark and DeepSpec-layout DFlash run as
-    `draft-dspark` with n_max = block size (llama.cpp would otherwise auto-pick draft-dflash for
-    a head-less draft and read the block one slot off); z-lab DFlash as `draft-dflash` with
-    n_max = block size - 1 (slot 0 is the anchor); EAGLE-3 as `draft-eagle3`, n_max = its TTT
-    length. `p_min` (truncate at the first slot whose σ(c_k) < p_min) needs a confidence head."""
-    if cfg.drafter == "eagle3":
-        spec_type, n_max = "draft-eagle3", cfg.ttt_length
-    elif getattr(cfg, "slot_semantics", "deepspec") == "zlab":
-        spec_type, n_max = "draft-dflash", cfg.block_size - 1
-    else:
-        spec_type, n_max = "draft-dspark", cfg.block_size
-    if p_min is not None and not getattr(cfg, "enable_confidence_head", False):
-        raise InputError(f"serve.p_min {p_min}: llama.cpp truncates on the confidence head and "
-                         "refuses --spec-draft-p-min for a draft without one")
-    args = ["--spec-type", spec_type, "--spec-draft-n-max", str(n_max)]
-    if p_min is not None:
-        args += ["--spec-draft-p-min", str(p_min)]
-    return {"spec_type": spec_type, "n_max": n_max, "p_min": p_min, "llama_server_args": args}
 
 
 # --------------------------------------------------------------------------- the manifest

@@ -23,6 +23,7 @@ features of committed tokens once into per-layer context K/V, `propose` drafts o
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
@@ -30,10 +31,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from draftsmith.config import build_config
+from draftsmith.models.base import DraftConfig
 from draftsmith.models.layers import (
     ContextRows,
     DecoderLayer,
-    DraftGeometry,
     GemmaDecoderLayer,
     KVCache,
     LayerSpec,
@@ -41,9 +43,11 @@ from draftsmith.models.layers import (
     RotaryEmbedding,
     Sampler,
     check_layer_ids,
+    geometry_from_target,
     init_weights,
 )
 from draftsmith.models.vocab import DraftVocabMixin
+from draftsmith.utils.io import InputError
 
 def default_dspark_layers(num_target_layers: int) -> list[int]:
     """5 target layers evenly spaced from 1 to L-3 (DeepSpec's Qwen3 choice: L=36 ->
@@ -54,10 +58,24 @@ def default_dspark_layers(num_target_layers: int) -> list[int]:
     return sorted({int(math.floor(lo + k * (hi - lo) / 4 + 0.5)) for k in range(5)})
 
 
-class DSparkConfig(DraftGeometry):
+DEEPSPEC_ARCHITECTURES = ("Qwen3DSparkModel", "Gemma4DSparkModel")  # (Qwen3 / Llama, Gemma)
+DEEPSPEC_LABEL_OFFSET = 1  # DeepSpec's block: slot k predicts anchor + k + 1
+DEEPSPEC_OPTIONAL_KEYS = ("num_hidden_layers", "block_size", "mask_token_id", "target_layer_ids",
+                          "num_anchors", "enable_confidence_head", "confidence_head_with_markov",
+                          "markov_rank", "markov_head_type", "draft_vocab_size")
+
+
+def deepspec_has_heads(data: dict) -> bool:
+    """Whether a DeepSpec config.json has a Markov or a confidence head (DSpark; else DFlash)."""
+    return int(data.get("markov_rank") or 0) > 0 or bool(data.get("enable_confidence_head"))
+
+
+class DSparkConfig(DraftConfig):
     """DSpark draft config: target geometry + block, Markov and confidence options."""
 
     drafter: ClassVar[str] = "dspark"
+    engine_architectures: ClassVar[tuple[str, ...]] = DEEPSPEC_ARCHITECTURES
+    has_heads: ClassVar[bool] = True  # which DeepSpec configs it claims: with heads, or without
 
     num_hidden_layers: int = Field(5, ge=1)  # draft decoder layers
     block_size: int = Field(7, ge=1)  # γ
@@ -71,12 +89,9 @@ class DSparkConfig(DraftGeometry):
     draft_vocab_size: int | None = Field(None, ge=1)  # None = the full target vocabulary
     loss_decay_gamma: float = Field(4.0, gt=0)
 
-    @model_validator(mode="before")
     @classmethod
-    def _default_layer_ids(cls, data):
-        if isinstance(data, dict) and data.get("target_layer_ids") is None and "num_target_layers" in data:
-            data = {**data, "target_layer_ids": default_dspark_layers(int(data["num_target_layers"]))}
-        return data
+    def default_layer_ids(cls, num_target_layers: int) -> list[int]:
+        return default_dspark_layers(num_target_layers)
 
     @model_validator(mode="after")
     def _check(self):
@@ -88,21 +103,72 @@ class DSparkConfig(DraftGeometry):
         if not ids or any(b <= a for a, b in zip(ids, ids[1:])):
             raise ValueError(f"target_layer_ids {ids} must be non-empty and strictly increasing")
         check_layer_ids("target_layer_ids", ids, self.num_target_layers)
-        if self.draft_vocab_size is not None and self.draft_vocab_size > self.vocab_size:
-            raise ValueError(f"draft_vocab_size {self.draft_vocab_size} exceeds the target "
-                             f"vocabulary (vocab_size {self.vocab_size})")
+        self._check_draft_vocab()
         if self.enable_confidence_head and self.confidence_head_with_markov and self.markov_rank == 0:
             raise ValueError("confidence_head_with_markov needs a Markov head (markov_rank > 0); "
                              "set confidence_head_with_markov=false or markov_rank > 0")
         return self
 
     @property
-    def draft_vocab(self) -> int:
-        return self.draft_vocab_size or self.vocab_size
+    def label_offset(self) -> int:
+        """Slot k predicts input position anchor + k + label_offset."""
+        return DEEPSPEC_LABEL_OFFSET
 
     @property
-    def pruned(self) -> bool:
-        return self.draft_vocab != self.vocab_size
+    def deepspec_slots(self) -> bool:
+        """Whether the block computes DeepSpec's function (slot 0 is the anchor, slot k predicts
+        anchor + k + 1): what DeepSpec, llama.cpp's draft-dspark and draftsmith's trainer run."""
+        return self.label_offset == DEEPSPEC_LABEL_OFFSET
+
+    def build(self) -> DSparkModel:
+        return build_dspark(self)
+
+    def engine_config(self) -> dict:
+        """DeepSpec's Qwen3DSparkModel config (Gemma4DSparkModel for the Gemma family), with
+        DeepSpec's conditional keys present exactly when DeepSpec writes them."""
+        gemma = self.family == "gemma"
+        out = {
+            "architectures": [DEEPSPEC_ARCHITECTURES[int(gemma)]],
+            "model_type": "gemma4_text" if gemma else "qwen3",
+            **self.geometry_json(),
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_target_layers": self.num_target_layers,
+            "block_size": self.block_size,
+            "layer_types": ["full_attention"] * self.num_hidden_layers,
+            "mask_token_id": self.mask_token_id,
+            "target_layer_ids": list(self.target_layer_ids),
+            "num_anchors": self.num_anchors,
+            "enable_confidence_head": self.enable_confidence_head,
+            "markov_rank": self.markov_rank,
+        }
+        if self.enable_confidence_head:
+            out["confidence_head_with_markov"] = self.confidence_head_with_markov
+        if self.markov_rank > 0:
+            out["markov_head_type"] = self.markov_head_type
+        if self.pruned:
+            out["draft_vocab_size"] = self.draft_vocab
+        if gemma:
+            out.update(hidden_activation=self.hidden_act,
+                       final_logit_softcapping=self.final_logit_softcapping,
+                       attention_k_eq_v=self.attention_k_eq_v, global_head_dim=self.head_dim,
+                       num_global_key_value_heads=self.num_key_value_heads)
+        return out
+
+    @classmethod
+    def claims_engine_config(cls, data: dict) -> bool:
+        return super().claims_engine_config(data) and deepspec_has_heads(data) == cls.has_heads
+
+    @classmethod
+    def from_engine_config(cls, data: dict, where: str) -> DSparkConfig:
+        """A DeepSpec config.json (ours without the draftsmith sub-dict, or DeepSpec's released
+        layout: a copy of the target's config plus its keys)."""
+        missing = [k for k in ("num_target_layers", "mask_token_id", "target_layer_ids") if k not in data]
+        if missing:
+            raise InputError(f"{where}: DeepSpec config lacks {', '.join(missing)}")
+        fields = {**geometry_from_target(types.SimpleNamespace(**data)),
+                  "num_target_layers": data["num_target_layers"], "target_model_type": ""}
+        fields.update({k: data[k] for k in DEEPSPEC_OPTIONAL_KEYS if k in data})
+        return build_config(cls, fields, where=f"{where} (DeepSpec import)")
 
 
 # --------------------------------------------------------------------------- blocks and masks

@@ -24,9 +24,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from draftsmith.models.base import DraftConfig
 from draftsmith.models.layers import (
     DecoderLayer,
-    DraftGeometry,
     KVCache,
     LayerSpec,
     RMSNorm,
@@ -44,7 +44,7 @@ def default_eagle3_layers(num_target_layers: int) -> list[int]:
     return [1, L // 2 - 1, L - 4]
 
 
-class Eagle3Config(DraftGeometry):
+class Eagle3Config(DraftConfig):
     """EAGLE-3 draft config: target geometry + fused layers, TTT length, vocabulary."""
 
     drafter: ClassVar[str] = "eagle3"
@@ -56,12 +56,9 @@ class Eagle3Config(DraftGeometry):
     num_hidden_layers: Literal[1] = 1
     train_lm_head: bool = True  # EAGLE-3 trains its (pruned) head; initialized from the target's
 
-    @model_validator(mode="before")
     @classmethod
-    def _default_layer_ids(cls, data):
-        if isinstance(data, dict) and data.get("target_layer_ids") is None and "num_target_layers" in data:
-            data = {**data, "target_layer_ids": default_eagle3_layers(int(data["num_target_layers"]))}
-        return data
+    def default_layer_ids(cls, num_target_layers: int) -> list[int]:
+        return default_eagle3_layers(num_target_layers)
 
     @model_validator(mode="after")
     def _check(self):
@@ -70,14 +67,24 @@ class Eagle3Config(DraftGeometry):
             raise ValueError(f"target_layer_ids {self.target_layer_ids}: EAGLE-3 fuses exactly 3 "
                              "target layers (what llama.cpp, SGLang and vLLM load)")
         check_layer_ids("target_layer_ids", self.target_layer_ids, self.num_target_layers)
-        if self.draft_vocab_size is not None and self.draft_vocab_size > self.vocab_size:
-            raise ValueError(f"draft_vocab_size {self.draft_vocab_size} exceeds the target "
-                             f"vocabulary (vocab_size {self.vocab_size})")
+        self._check_draft_vocab()
         return self
 
-    @property
-    def draft_vocab(self) -> int:
-        return self.draft_vocab_size or self.vocab_size
+    def build(self) -> Eagle3Model:
+        return Eagle3Model(self)
+
+    def engine_config(self) -> dict:
+        """SGLang's EAGLE-3 config (nested layer ids, always `draft_vocab_size`)."""
+        return {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "model_type": "llama",
+            **self.geometry_json(),
+            "num_hidden_layers": 1,
+            "draft_vocab_size": self.draft_vocab,
+            "target_hidden_size": self.hidden_size,
+            "norm_before_residual": self.norm_before_residual,
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.target_layer_ids)},
+        }
 
 
 def ttt_step_tokens(input_ids: torch.Tensor, step: int, pad_id: int = 0):

@@ -1,19 +1,19 @@
 """Draft directories: `config.json` + `model.safetensors`, written atomically, validated on open.
 
-DSpark/DFlash dirs carry DeepSpec's config keys with DeepSpec's conditional presence and DESIGN §4's
-tensor names (a full-vocabulary one is what DeepSpec, SGLang, vLLM and llama.cpp's converter
-load). EAGLE-3 dirs use the `midlayer.*` layout with `num_hidden_layers: 1` and always
-`draft_vocab_size`, `d2t` and `t2d` (SGLang's dialect; `export` writes the others). Our own fields
-live in the `draftsmith` sub-dict: drafter kind, format version, package version and the full
-typed config, which is what `load_draft` rebuilds the model from. A DeepSpec DSpark/DFlash dir
-without that sub-dict is imported from its top-level keys.
+The top-level keys are the draft config's `engine_config()` (models.base): DSpark/DFlash dirs carry
+DeepSpec's config keys with DeepSpec's conditional presence and DESIGN §4's tensor names (a
+full-vocabulary one is what DeepSpec, SGLang, vLLM and llama.cpp's converter load). EAGLE-3 dirs
+use the `midlayer.*` layout with `num_hidden_layers: 1` and always `draft_vocab_size`, `d2t` and
+`t2d` (SGLang's dialect; `export` writes the others). Our own fields live in the `draftsmith`
+sub-dict: drafter kind, format version, package version and the full typed config, which is what
+`load_draft` rebuilds the model from. A dir without that sub-dict is read by the config class
+that claims its keys (DeepSpec's DSpark / DFlash dirs).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import types
 from pathlib import Path
 
 import torch
@@ -23,153 +23,45 @@ from torch import nn
 
 from draftsmith import __version__
 from draftsmith.config import build_config
-from draftsmith.models.dflash import DFlashConfig, build_dflash
-from draftsmith.models.dspark import DSparkConfig, build_dspark
-from draftsmith.models.eagle3 import Eagle3Config, Eagle3Model
-from draftsmith.models.layers import geometry_from_target
-from draftsmith.models.vocab import check_vocab_maps
+from draftsmith.models.base import config_class, engine_config_class
 from draftsmith.utils.io import InputError, atomic_dir, atomic_write_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-DRAFTERS = {
-    "dspark": (DSparkConfig, build_dspark),
-    "dflash": (DFlashConfig, build_dflash),
-    "eagle3": (Eagle3Config, Eagle3Model),
-}
-DEEPSPEC_ARCHITECTURES = {"Qwen3DSparkModel", "Gemma4DSparkModel"}
 
 
 # --------------------------------------------------------------------------- config.json
 
 
-def _geometry_json(cfg) -> dict:
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_fraction < 1.0:
-        rope = {"rope_type": "proportional", "rope_theta": cfg.rope_theta,
-                "partial_rotary_factor": cfg.rope_fraction}
-    return {
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": rope,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "hidden_act": cfg.hidden_act,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
-    }
-
-
-def _dspark_json(cfg: DSparkConfig) -> dict:
-    """DeepSpec's Qwen3DSparkModel config (Gemma4DSparkModel for the Gemma family)."""
-    gemma = cfg.family == "gemma"
-    out = {
-        "architectures": ["Gemma4DSparkModel" if gemma else "Qwen3DSparkModel"],
-        "model_type": "gemma4_text" if gemma else "qwen3",
-        **_geometry_json(cfg),
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_target_layers": cfg.num_target_layers,
-        "block_size": cfg.block_size,
-        "layer_types": ["full_attention"] * cfg.num_hidden_layers,
-        "mask_token_id": cfg.mask_token_id,
-        "target_layer_ids": list(cfg.target_layer_ids),
-        "num_anchors": cfg.num_anchors,
-        "enable_confidence_head": cfg.enable_confidence_head,
-        "markov_rank": cfg.markov_rank,
-    }
-    if cfg.enable_confidence_head:
-        out["confidence_head_with_markov"] = cfg.confidence_head_with_markov
-    if cfg.markov_rank > 0:
-        out["markov_head_type"] = cfg.markov_head_type
-    if cfg.pruned:
-        out["draft_vocab_size"] = cfg.draft_vocab
-    if gemma:
-        out.update(hidden_activation=cfg.hidden_act, final_logit_softcapping=cfg.final_logit_softcapping,
-                   attention_k_eq_v=cfg.attention_k_eq_v, global_head_dim=cfg.head_dim,
-                   num_global_key_value_heads=cfg.num_key_value_heads)
-    if getattr(cfg, "slot_semantics", "deepspec") == "zlab":
-        # z-lab's layout computes a different function: never label it as DeepSpec's.
-        out["architectures"] = ["DFlashDraftModel"]
-        out["dflash_config"] = {"mask_token_id": cfg.mask_token_id,
-                                "target_layer_ids": list(cfg.target_layer_ids)}
-    return out
-
-
-def _eagle3_json(cfg: Eagle3Config) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLMEagle3"],
-        "model_type": "llama",
-        **_geometry_json(cfg),
-        "num_hidden_layers": 1,
-        "draft_vocab_size": cfg.draft_vocab,
-        "target_hidden_size": cfg.hidden_size,
-        "norm_before_residual": cfg.norm_before_residual,
-        "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(cfg.target_layer_ids)},
-    }
-
-
 def draft_config_json(model: nn.Module) -> dict:
-    """The config.json of a draft model: engine keys + the `draftsmith` sub-dict."""
+    """The config.json of a draft model: the config's engine keys + the `draftsmith` sub-dict."""
     cfg = model.config
-    out = _eagle3_json(cfg) if cfg.drafter == "eagle3" else _dspark_json(cfg)
+    out = cfg.engine_config()
     out["draftsmith"] = {"kind": cfg.drafter, "format_version": FORMAT_VERSION,
                          "version": __version__, "config": cfg.model_dump(mode="json")}
     return out
 
 
 def config_from_json(data: dict, where: str = CONFIG_FILE):
-    """config.json contents -> the typed draft config (our sub-dict, else a DeepSpec import)."""
+    """config.json contents -> the typed draft config (our sub-dict, else the engine keys of
+    whichever drafter config claims them: a DeepSpec import)."""
     meta = data.get("draftsmith")
     if meta is None:
-        return _import_deepspec(data, where)
+        return engine_config_class(data, where).from_engine_config(data, where)
     if not isinstance(meta, dict):
         raise InputError(f"{where}: 'draftsmith' must be an object")
-    kind = meta.get("kind")
-    if kind not in DRAFTERS:
-        raise InputError(f"{where}: unknown drafter kind {kind!r} (draftsmith.kind); "
-                         f"known: {', '.join(sorted(DRAFTERS))}")
+    cls = config_class(meta.get("kind"), where=f"{where}: draftsmith.kind: ")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise InputError(f"{where}: draftsmith.format_version {version!r} is not supported "
                          f"(this draftsmith reads versions up to {FORMAT_VERSION})")
-    cls = DRAFTERS[kind][0]
     return build_config(cls, dict(meta.get("config") or {}), where=f"{where}: draftsmith.config")
-
-
-def _import_deepspec(data: dict, where: str):
-    """A DeepSpec DSpark/DFlash config (no draftsmith sub-dict) -> DSparkConfig/DFlashConfig."""
-    archs = set(data.get("architectures") or [])
-    if not archs & DEEPSPEC_ARCHITECTURES:
-        raise InputError(f"{where}: unknown drafter kind: no 'draftsmith.kind' and architectures "
-                         f"{sorted(archs)} are none of {sorted(DEEPSPEC_ARCHITECTURES)}")
-    missing = [k for k in ("num_target_layers", "mask_token_id", "target_layer_ids") if k not in data]
-    if missing:
-        raise InputError(f"{where}: DeepSpec config lacks {', '.join(missing)}")
-    fields = {**geometry_from_target(types.SimpleNamespace(**data)),
-              "num_target_layers": data["num_target_layers"],
-              "target_model_type": ""}
-    for key in ("num_hidden_layers", "block_size", "mask_token_id", "target_layer_ids", "num_anchors",
-                "enable_confidence_head", "confidence_head_with_markov", "markov_rank",
-                "markov_head_type", "draft_vocab_size"):
-        if key in data:
-            fields[key] = data[key]
-    has_heads = int(data.get("markov_rank", 0)) > 0 or bool(data.get("enable_confidence_head"))
-    cls = DSparkConfig if has_heads else DFlashConfig
-    if not has_heads:
-        fields.setdefault("confidence_head_with_markov", False)
-    return build_config(cls, fields, where=f"{where} (DeepSpec import)")
 
 
 def build_draft(config) -> nn.Module:
     """A freshly initialized draft model for a typed draft config."""
-    return DRAFTERS[config.drafter][1](config)
+    return config.build()
 
 
 # --------------------------------------------------------------------------- save / load
@@ -255,11 +147,6 @@ def load_draft(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise InputError(f"{file}: not a readable safetensors file ({e})") from None
     model = build_draft(config)
     check_tensors(model, tensors, str(file))
-    file_dtype = tensors["fc.weight"].dtype
-    model.to(file_dtype).load_state_dict(tensors, strict=True)
-    if config.drafter == "eagle3":
-        check_vocab_maps(model.d2t, model.t2d)
-    elif config.pruned:
-        model.refresh_t2d()
-        check_vocab_maps(model.d2t, model.t2d)
+    model.to(tensors["fc.weight"].dtype).load_state_dict(tensors, strict=True)
+    model.restore_vocab_maps()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

@@ -126,6 +126,13 @@ class DraftVocabMixin:
         """Recompute `t2d` from `d2t` (after loading a checkpoint that stores only d2t)."""
         self.t2d.copy_(t2d_from_ids(ids_from_d2t(self.d2t), self.config.vocab_size))
 
+    def restore_vocab_maps(self) -> None:
+        """After loading weights: rebuild `t2d` where the checkpoint does not store it, then
+        check that `d2t` and `t2d` describe the same draft vocabulary."""
+        if "t2d" in self._non_persistent_buffers_set:
+            self.refresh_t2d()
+        check_vocab_maps(self.d2t, self.t2d)
+
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_to_target(draft_ids, self.d2t)
 

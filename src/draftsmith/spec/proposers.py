@@ -20,6 +20,7 @@ committed token (the anchor) has none yet, it is the first input of the next ver
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -85,10 +86,27 @@ def pad_proposals(rows: list[list[int]], device, width: int | None = None) -> Pr
 
 
 class Proposer:
-    """Base: no features, nothing to keep in sync. Subclasses override the hooks they need."""
+    """Base: no features, nothing to keep in sync. Subclasses override the hooks they need.
+
+    A proposer that runs a draft model names the model class in `drives`; defining the class
+    registers it, and `proposer_for(draft)` picks the one registered for the draft's class (or
+    its nearest base) and builds it with `for_draft`."""
 
     name = "base"
     target_layer_ids: list[int] = []  # target layers whose features the proposer reads
+    drives: ClassVar[type | None] = None  # the draft model class this proposer runs
+    _by_model: ClassVar[dict[type, type[Proposer]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("drives") is not None:
+            Proposer._by_model[cls.drives] = cls
+
+    @classmethod
+    def for_draft(cls, model: torch.nn.Module, num_tokens: int = 7) -> Proposer:
+        """This proposer for a loaded draft; `num_tokens`: the draft length where the draft
+        does not fix it (a block drafter proposes its block)."""
+        return cls(model)
 
     @property
     def uses_features(self) -> bool:
@@ -190,21 +208,19 @@ class DSparkProposer(Proposer):
 
     The draft's context K/V live in a `RaggedKVCache` (one committed length per row): features
     of newly committed positions are projected once, at each row's own positions. The block is
-    always the full γ slots (anchor + masks); truncation happens after drafting. With a z-lab
-    DFlash (`slot_semantics == "zlab"`, slot k predicts anchor + k) slot 0 is dropped and
-    slots 1..γ-1 are the γ-1 proposals; DeepSpec slots give γ proposals.
+    always the full γ slots (anchor + masks); truncation happens after drafting. Slot k predicts
+    position anchor + k + `config.label_offset`: with DeepSpec's offset 1 all γ slots are
+    proposals; with z-lab's offset 0 slot 0 predicts the anchor itself and is dropped, leaving
+    γ-1 proposals.
     """
 
     name = "dspark"
+    drives = DSparkModel
 
-    def __init__(self, model: DSparkModel, slot_semantics: str | None = None):
-        """slot_semantics: "deepspec" | "zlab"; default: the config's (DeepSpec for DSpark)."""
+    def __init__(self, model: DSparkModel):
         self.model = model.eval()
         self.target_layer_ids = list(model.config.target_layer_ids)
-        slots = slot_semantics or getattr(model.config, "slot_semantics", "deepspec")
-        if slots not in ("deepspec", "zlab"):
-            raise ValueError(f"slot_semantics {slots!r}: expected 'deepspec' or 'zlab'")
-        self.first_slot = 1 if slots == "zlab" else 0
+        self.first_slot = 1 - model.config.label_offset  # the first slot that predicts a new token
         self.cache: RaggedKVCache | None = None
 
     def prefill(self, state, features, counts):
@@ -248,6 +264,11 @@ class Eagle3Proposer(Proposer):
     appends them and rolls its chain back to them."""
 
     name = "eagle3"
+    drives = Eagle3Model
+
+    @classmethod
+    def for_draft(cls, model, num_tokens=7):
+        return cls(model, num_tokens)
 
     def __init__(self, model: Eagle3Model, num_tokens: int = 7):
         self.model = model.eval()
@@ -289,9 +310,9 @@ class Eagle3Proposer(Proposer):
 
 
 def proposer_for(draft: torch.nn.Module, num_tokens: int = 7) -> Proposer:
-    """The proposer of a loaded draft model (`models.io.load_draft`)."""
-    if isinstance(draft, DSparkModel):
-        return DSparkProposer(draft)
-    if isinstance(draft, Eagle3Model):
-        return Eagle3Proposer(draft, num_tokens)
-    raise TypeError(f"no proposer for {type(draft).__name__}")
+    """The proposer of a loaded draft model (`models.io.load_draft`): the one registered for its
+    class or its nearest base class (`Proposer.drives`)."""
+    for cls in type(draft).__mro__:
+        if cls in Proposer._by_model:
+            return Proposer._by_model[cls].for_draft(draft, num_tokens)
+    raise TypeError(f"no proposer drives {type(draft).__name__}")

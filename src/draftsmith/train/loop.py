@@ -24,6 +24,7 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from draftsmith.train import resume as run_inputs
 from draftsmith.train.dataset import epoch_order
 from draftsmith.train.metrics import MetricsLog
 from draftsmith.train.objectives import (
-    TERM_DENOMINATOR, LossParts, ObjectiveConfig, TauSimMeter, TrainBatch, build_objective,
+    TERM_DENOMINATOR, LossParts, ObjectiveConfig, ObjectiveFactory, TauSimMeter, TrainBatch,
     reduce_denominators,
 )
 from draftsmith.train.anchors import pad_anchors, sample_anchors
@@ -81,8 +82,9 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(epoch_order(n, seed, epoch))  # one permutation per epoch, not one per sequence
 
 
-def collate(feats, epochs: list[int], recipe: Recipe, drafter: str, device, num_anchors: int = 512) -> TrainBatch:
-    """Right-pad one micro-batch of SampleFeatures into a TrainBatch (+ keyed anchors)."""
+def collate(feats, epochs: list[int], recipe: Recipe, anchored: bool, device, num_anchors: int = 512) -> TrainBatch:
+    """Right-pad one micro-batch of SampleFeatures into a TrainBatch (+ keyed anchors when the
+    objective is `anchored`; the others supervise every position)."""
     B, S = len(feats), max(len(f) for f in feats)
     LH, H = feats[0].features.shape[-1], feats[0].hidden.shape[-1]
     ids = torch.zeros(B, S, dtype=torch.int64)
@@ -93,7 +95,7 @@ def collate(feats, epochs: list[int], recipe: Recipe, drafter: str, device, num_
         n = len(f)
         ids[b, :n], mask[b, :n], x[b, :n], h[b, :n] = f.input_ids, f.loss_mask, f.features, f.hidden
     batch = TrainBatch(ids.to(device), mask.to(device), x.to(device), h.to(device))
-    if drafter != "eagle3":  # anchors keyed by (seed, epoch, sample id): a batch may span epochs
+    if anchored:  # anchors keyed by (seed, epoch, sample id): a batch may span epochs
         draws = [sample_anchors(f.loss_mask, num_anchors, recipe.train.seed, e, f.id)
                  for f, e in zip(feats, epochs)]
         batch.anchor_pos, batch.anchor_valid = pad_anchors(draws, device=device)
@@ -145,7 +147,7 @@ def train_step(step: int, s: Setup, recipe: Recipe, objective, params, info: Dis
     for i in range(0, len(mine), mb):
         chunk = mine[i: i + mb]
         feats = s.features([s.data.train[j] for j, _ in chunk])
-        batches.append(collate(feats, [e for _, e in chunk], recipe, recipe.drafter, info.device,
+        batches.append(collate(feats, [e for _, e in chunk], recipe, objective.anchored, info.device,
                                _num_anchors(s)))
     den = reduce_denominators([objective.denominators(b) for b in batches], all_reduce_sum)
     sums, tau, counts = _accumulate(objective, batches, den, backward=True,
@@ -211,7 +213,7 @@ def evaluate(s: Setup, recipe: Recipe, objective, info: DistInfo, held_feats) ->
         return {}
     mb = recipe.train.micro_batch
     batches = [collate(held_feats[i: i + mb], [EVAL_EPOCH] * len(held_feats[i: i + mb]), recipe,
-                       recipe.drafter, info.device, _num_anchors(s)) for i in range(0, len(held_feats), mb)]
+                       objective.anchored, info.device, _num_anchors(s)) for i in range(0, len(held_feats), mb)]
     den = reduce_denominators([objective.denominators(b) for b in batches])
     sums, tau, _ = _accumulate(objective, batches, den, backward=False)
     out = {f"eval/{k}": float(v) / max(float(den[TERM_DENOMINATOR[k]]), 1e-12) for k, v in sums.items()}
@@ -231,20 +233,22 @@ def total_steps(recipe: Recipe, n_train: int) -> int:
 
 
 def train(recipe: Recipe, data: str, out: str | Path, cache: str | None = None, heldout: str | None = None,
-          init_from: str | None = None, resume: bool = True, progress: bool = True) -> Path:
-    """Run (or resume) a training run; returns the final checkpoint dir. `train.threads` holds for
-    the run only: the caller's torch thread count is restored afterwards."""
+          init_from: str | None = None, resume: bool = True, progress: bool = True, *,
+          objective: ObjectiveFactory) -> Path:
+    """Run (or resume) a training run; returns the final checkpoint dir. `objective` builds the
+    recipe's drafter's objective (`draftsmith.drafters.get(recipe.drafter).build_objective`).
+    `train.threads` holds for the run only: the caller's torch thread count is restored after."""
     threads = torch.get_num_threads()
     try:
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
-        return _train(recipe, data, out, cache, heldout, init_from, resume, progress)
+        return _train(recipe, data, out, cache, heldout, init_from, resume, progress, objective)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(recipe: Recipe, data: str, out: str | Path, cache, heldout, init_from, resume: bool,
-           progress: bool) -> Path:
+           progress: bool, build_objective: ObjectiveFactory) -> Path:
     started = time.time()
     info = init_distributed()
     if heldout:
@@ -395,11 +399,14 @@ def _save(run, step, s: Setup, opt, sched, info, keep, sharded: bool = False) ->
     return path
 
 
-def run(args) -> int:
+def run(args, objective_for: Callable[[str], ObjectiveFactory]) -> int:
+    """`draftsmith train`; `objective_for(drafter name)` is the drafter registry's lookup (the
+    CLI wires it: this stage does not know the drafters)."""
     check_output_dir(args.out, "--out")
     recipe = load_recipe(args.recipe, args.set)
     final = train(recipe, args.data, args.out, cache=args.cache, heldout=args.heldout,
-                  init_from=args.init_from, resume=not args.no_resume, progress=not args.no_progress)
+                  init_from=args.init_from, resume=not args.no_resume, progress=not args.no_progress,
+                  objective=objective_for(recipe.drafter))
     print(f"train: final checkpoint {final}")
     end = _stopped_by(Path(args.out))
     if end.get("stopped_by") == "time_budget":

@@ -19,7 +19,8 @@ first label outside the response), with p_d = softmax(Markov-corrected draft log
 
 Each term is `Σ w_k·ℓ / Σ w_k` with position weights w_k = exp(−k / loss_decay_gamma) (DSpark,
 DFlash; k 0-based) or 0.8^s (Eagle3). The loss is Σ_term α_term·term with α = (ce 0.1, l1 0.9,
-bce 1.0) for DSpark, ce 1.0 for DFlash, soft_ce 1.0 for Eagle3 (`LossWeights`).
+bce 1.0) for DSpark, ce 1.0 for DFlash, soft_ce 1.0 for Eagle3 (`LossWeights`; each drafter's
+spec in `draftsmith.drafters` hands its weights to the objective).
 
 Normalization across micro-batches and ranks. The denominators depend on the data only
 (validity, weights, which labels are in the draft vocab), so the train loop computes them for
@@ -49,6 +50,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -78,17 +80,10 @@ class LossWeights(StrictConfig):
     soft_ce: float = Field(0.0, ge=0)
 
 
-DEFAULT_LOSS_WEIGHTS = {
-    "dspark": LossWeights(),
-    "dflash": LossWeights(ce=1.0, l1=0.0, bce=0.0),
-    "eagle3": LossWeights(ce=0.0, l1=0.0, bce=0.0, soft_ce=1.0),
-}
-
-
 class ObjectiveConfig(StrictConfig):
     """How the loss is computed (the formulas are fixed; see the module docstring)."""
 
-    loss_weights: LossWeights | None = None  # None: the drafter's default (DEFAULT_LOSS_WEIGHTS)
+    loss_weights: LossWeights | None = None  # None: the drafter's default (its DrafterSpec's)
     chunk_size: int = Field(32, ge=1)  # anchors (blocks) per loss chunk
     recompute: bool = True  # recompute each chunk's logits in backward instead of keeping them
     target_metrics: bool = True  # compute p_t (l1, c*, τ_sim) even when no loss term needs it
@@ -292,16 +287,22 @@ class Blocks:
 
 
 class BlockObjective:
-    """The shared block loss; subclasses say how blocks, hidden states and logits are made."""
+    """The shared block loss; subclasses say how blocks, hidden states and logits are made.
 
-    drafter = ""
+    `anchored`: whether batches carry drawn anchors (`collate` draws them with
+    `anchors.sample_anchors`) or the objective supervises every position itself.
+    Loss weights: the config's, else the drafter's (`loss_weights`), else the algorithm's
+    `default_loss_weights`."""
+
+    anchored: ClassVar[bool] = True
+    default_loss_weights: ClassVar[LossWeights] = LossWeights()
 
     def __init__(self, model: nn.Module, target_head: TargetHead | None,
-                 config: ObjectiveConfig | None = None):
+                 config: ObjectiveConfig | None = None, loss_weights: LossWeights | None = None):
         self.model, self.target_head = model, target_head  # model: maybe DDP-wrapped (its forward)
         self.module = getattr(model, "module", model)  # the draft itself: heads, config, vocab maps
         self.config = config or ObjectiveConfig()
-        self.loss_weights = self.config.loss_weights or DEFAULT_LOSS_WEIGHTS[self.drafter]
+        self.loss_weights = self.config.loss_weights or loss_weights or self.default_loss_weights
         self.vocab_size = self.module.config.vocab_size
         self.pruned = self.module.config.draft_vocab != self.vocab_size
 
@@ -453,15 +454,14 @@ class BlockObjective:
 
 
 class DSparkObjective(BlockObjective):
-    """DSpark: 0.1·CE + 0.9·L1 + 1.0·BCE over the model's anchored blocks."""
+    """DSpark / DFlash (`DSparkModel`): the model's anchored blocks; by default
+    0.1·CE + 0.9·L1 + 1.0·BCE (DFlash's drafter spec passes CE only)."""
 
-    drafter = "dspark"
-
-    def __init__(self, model, target_head, config=None):
-        if getattr(getattr(model, "module", model).config, "slot_semantics", "deepspec") != "deepspec":
+    def __init__(self, model, target_head, config=None, loss_weights=None):
+        if not getattr(model, "module", model).config.deepspec_slots:
             raise InputError("training supports DeepSpec slots only (slot k predicts anchor + k + 1); "
                              "z-lab DFlash drafts are imported and evaluated, not trained")
-        super().__init__(model, target_head, config)
+        super().__init__(model, target_head, config, loss_weights)
 
     @property
     def block_size(self) -> int:
@@ -472,7 +472,7 @@ class DSparkObjective(BlockObjective):
 
     def anchors(self, batch):
         if batch.anchor_pos is None:
-            raise ValueError(f"{self.drafter}: the batch has no anchors (anchors.batch_anchors)")
+            raise ValueError(f"{type(self).__name__}: the batch has no anchors (anchors.batch_anchors)")
         return batch.anchor_pos, batch.anchor_valid
 
     def block_hidden(self, batch, blocks):
@@ -486,17 +486,12 @@ class DSparkObjective(BlockObjective):
         return self.module.confidence(hidden, prev)
 
 
-class DFlashObjective(DSparkObjective):
-    """DFlash: the DSpark backbone without heads, CE only (DeepSpec's definition)."""
-
-    drafter = "dflash"
-
-
 class Eagle3Objective(BlockObjective):
     """Eagle3: Σ_s 0.8^s·soft-CE over the TTT unroll; step s at feature index i is slot s of the
     block anchored at i + 1 (it reads token i + 1 + s and predicts token i + 2 + s)."""
 
-    drafter = "eagle3"
+    anchored: ClassVar[bool] = False  # every position (anchors.all_anchors)
+    default_loss_weights: ClassVar[LossWeights] = LossWeights(ce=0.0, l1=0.0, bce=0.0, soft_ce=1.0)
 
     @property
     def block_size(self) -> int:
@@ -516,10 +511,5 @@ class Eagle3Objective(BlockObjective):
         return self.module.draft_logits(hidden)
 
 
-OBJECTIVES = {"dspark": DSparkObjective, "dflash": DFlashObjective, "eagle3": Eagle3Objective}
-
-
-def build_objective(model: nn.Module, target_head: TargetHead | None,
-                    config: ObjectiveConfig | None = None) -> BlockObjective:
-    """The objective for the model's drafter (`config.drafter`); `model` may be DDP-wrapped."""
-    return OBJECTIVES[getattr(model, "module", model).config.drafter](model, target_head, config)
+# a drafter's objective, as the train loop builds it (draftsmith.drafters: DrafterSpec.build_objective)
+ObjectiveFactory = Callable[[nn.Module, TargetHead | None, ObjectiveConfig | None], BlockObjective]

@@ -12,11 +12,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from draftsmith.config import StrictConfig, load_config
 from draftsmith.data.conversations import DEFAULT_MAX_RECORD_CHARS
-from draftsmith.models.io import DRAFTERS
+from draftsmith.models.base import config_class, drafter_configs
 from draftsmith.utils.io import InputError
 
 
@@ -89,7 +89,7 @@ class InitConfig(StrictConfig):
 
 
 class Recipe(StrictConfig):
-    drafter: Literal["dspark", "dflash", "eagle3"]
+    drafter: str  # a registered drafter kind (draftsmith.drafters.REGISTRY)
     target: str = "smollm2-135m"
     model: dict[str, Any] = {}  # the drafter config's own fields
     init: InitConfig = InitConfig()
@@ -99,8 +99,15 @@ class Recipe(StrictConfig):
     train: TrainConfig = TrainConfig()
     notes: str = ""
 
+    @field_validator("drafter")
+    @classmethod
+    def _known_drafter(cls, name: str) -> str:
+        if name not in drafter_configs():
+            raise ValueError(f"unknown drafter {name!r}; known: {', '.join(drafter_configs())}")
+        return name
+
     def model_config_class(self):
-        return DRAFTERS[self.drafter][0]
+        return config_class(self.drafter)
 
 
 def shipped_recipes() -> list[str]:
