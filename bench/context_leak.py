@@ -56,7 +56,7 @@ def patch_init(init_target: bool, fc_rms: bool) -> None:
     """Wrap train.setup.build_model with the chosen initialization."""
     import draftsmith.train.setup as setup
     from draftsmith.features.online import compute_features
-    from draftsmith.target.model import TargetModel
+    from draftsmith.targets.model import TargetModel
 
     build = setup.build_model
 
@@ -107,7 +107,7 @@ def run_training(args) -> None:
 def run_probe(args) -> None:
     from draftsmith.data.templates import render_records
     from draftsmith.features.online import compute_features
-    from draftsmith.target.model import load_target, load_tokenizer
+    from draftsmith.targets.model import load_target, load_tokenizer
 
     layers = [1, 8, 14, 21, 27]  # the smollm2-135m/dspark recipe's
     t = load_target("smollm2-135m", layers, torch.float32)

@@ -2,13 +2,13 @@
 
     bench/gpu_check.sh [--device cuda|cpu] [--out FILE.json] [--steps N] [--skip-tests]
 
-1. tests: tests/test_spec.py (lossless decoding) and tests/test_models.py. No test takes a device:
+1. tests: tests/test_decoding.py (lossless decoding) and tests/test_models.py. No test takes a device:
    they run on the CPU, as a sanity step of the install.
 2. training throughput of DSpark (shipped qwen3-4b/dspark recipe) and Eagle3 (smollm2-135m/eagle3
    on Qwen3-4B's layers [1, 17, 32], 7 TTT steps, 32000-token draft vocabulary) on a random-weight
    Qwen3-4B-geometry target in bf16 computing the features inside the step, on random tokens (the
    first eighth of each sequence is prompt), one micro-batch per optimizer step. A step is the
-   loop's own pieces, timed with the device synchronized between phases: target features,
+   loop's own `Trainer.train_step` (built by `loop.build_trainer`), timed through its lap hook with the device synchronized between phases: target features,
    collate (host copies, anchors), draft forward + loss, backward, optimizer (clip, AdamW,
    schedule). Warm-up steps excluded; peak = torch.cuda.max_memory_allocated (CPU: peak RSS).
 3. lossless: greedy speculative output (SpecEngine; random DSpark and Eagle3 drafts, an oracle)
@@ -42,19 +42,18 @@ from draftsmith.drafters import build_objective
 from draftsmith.models.dspark import DSparkConfig
 from draftsmith.models.eagle3 import Eagle3Config
 from draftsmith.models.io import build_draft
-from draftsmith.spec import DSparkProposer, Eagle3Proposer, OracleProposer, SpecEngine
-from draftsmith.target.model import TargetModel
+from draftsmith.decoding import DSparkProposer, Eagle3Proposer, OracleProposer, SpecEngine
+from draftsmith.targets.model import TargetModel
 from draftsmith.train import loop
 from draftsmith.train.dataset import TrainData
-from draftsmith.train.objectives import ObjectiveConfig, reduce_denominators
-from draftsmith.train.parallel import DistInfo, grad_norm_and_clip
+from draftsmith.train.parallel import DistInfo
 from draftsmith.train.recipe import load_recipe
 from draftsmith.train.setup import Setup, build_model, feature_source
 from draftsmith.utils.dtypes import resolve as resolve_dtype
 from draftsmith.utils.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_spec.py", "tests/test_models.py"]
+TESTS = ["tests/test_decoding.py", "tests/test_models.py"]
 PHASES = ("features", "collate", "draft_fwd_loss", "backward", "optimizer")
 RECIPES = {"dspark": "qwen3-4b/dspark", "eagle3": "smollm2-135m/eagle3"}
 ROPE = {"rope_type": "default", "rope_theta": 1e6}
@@ -191,36 +190,16 @@ class Laps:
         self.last = now
 
 
-def timed_step(step: int, s, recipe, objective, params, opt, sched, device: torch.device) -> dict:
-    """One optimizer step as the loop runs it on one process (`loop.train_step`, then clip,
-    AdamW and the schedule), timed phase by phase."""
-    plan = loop.step_samples(step, len(s.data.train), recipe.train.global_batch, recipe.train.seed)
-    mb, anchors = recipe.train.micro_batch, int(getattr(s.model.config, "num_anchors", 0) or 1)
-    laps, batches, tokens = Laps(device), [], 0
-    for i in range(0, len(plan), mb):
-        chunk = plan[i: i + mb]
-        samples = [s.data.train[j] for j, _ in chunk]
-        tokens += sum(len(x.input_ids) for x in samples)
-        feats = s.features(samples)
-        laps.lap("features")
-        batches.append(loop.collate(feats, [e for _, e in chunk], recipe, objective.anchored, device, anchors))
-        laps.lap("collate")
-    den = reduce_denominators([objective.denominators(b) for b in batches])
-    blocks = slots = loss = 0.0
-    for b in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision.name == "bf16"):
-            parts = objective(b, den, step % recipe.train.target_metrics_every == 0)
-        laps.lap("draft_fwd_loss")
-        parts.loss.backward()
-        laps.lap("backward")
-        blocks, slots = blocks + float(parts.blocks), slots + float(parts.tokens)
-        loss += float(parts.loss.detach())
-    grad_norm_and_clip(params, recipe.optim.grad_clip)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    laps.lap("optimizer")
-    return {"phases": laps.t, "blocks": blocks, "slots": slots, "tokens": tokens, "loss": loss,
+def timed_step(step: int, trainer: loop.Trainer, device: torch.device) -> dict:
+    """One optimizer step of the loop's own `Trainer` (`train_step`: features, collate, forward,
+    backward, clip, AdamW, schedule), timed phase by phase through its `lap` hook."""
+    laps = Laps(device)
+    acc = trainer.train_step(step, lap=laps.lap)
+    m = trainer.reduce(acc)
+    plan = loop.step_samples(step, len(trainer.s.data.train), trainer.recipe.train.global_batch,
+                             trainer.recipe.train.seed)
+    tokens = sum(len(trainer.s.data.train[j].input_ids) for j, _ in plan)
+    return {"phases": laps.t, "blocks": m["blocks"], "slots": m["tokens"], "tokens": tokens, "loss": m["loss"],
             "wall": laps.last - laps.start}
 
 
@@ -230,23 +209,19 @@ def train_section(drafter: str, plan: Plan, device: torch.device, deadline: floa
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     s, recipe = make_setup(drafter, plan, device)
-    objective = build_objective(s.model, s.target.logits, ObjectiveConfig(chunk_size=recipe.train.loss_chunk,
-                                                                           recompute=recipe.train.recompute))
-    params = [p for p in s.model.parameters() if p.requires_grad]
     total = plan.warmup + plan.steps
-    opt, sched = loop.make_optimizer(s.model, recipe, total)
-    s.model.train()
+    trainer = loop.build_trainer(recipe, s, DistInfo(device=device), build_objective, total, prefetch=False)
     row = {"drafter": drafter, "recipe": RECIPES[drafter], "overrides": plan.overrides[drafter], "status": "ok",
            "setup_s": time.perf_counter() - t0,
            "γ": getattr(s.model.config, "block_size", None) or s.model.config.ttt_length,
-           "trainable_M": sum(p.numel() for p in params) / 1e6}
+           "trainable_M": sum(p.numel() for p in trainer.params) / 1e6}
     measured, last = [], 0.0
     for step in range(total):
         if time.perf_counter() + last > deadline:
             row["status"] = f"stopped (time guard) after {step} of {total} steps"
             clock.notes.append(f"train {drafter}: {row['status']}")
             break
-        r = timed_step(step, s, recipe, objective, params, opt, sched, device)
+        r = timed_step(step, trainer, device)
         last = r["wall"]
         if step >= plan.warmup:
             measured.append(r)

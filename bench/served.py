@@ -41,7 +41,7 @@ from draftsmith.export import resolve_draft_dir
 from draftsmith.export import gguf as gguf_export
 from draftsmith.export.manifest import describe_target
 from draftsmith.serve import check
-from draftsmith.target.model import load_tokenizer
+from draftsmith.targets.model import load_tokenizer
 from draftsmith.utils.io import InputError, atomic_write_json
 
 OPTIONS = {"n_max": int, "p_min": float, "dtype": str}

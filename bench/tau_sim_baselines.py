@@ -61,7 +61,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from draftsmith.spec import NGramProposer
+    from draftsmith.decoding import NGramProposer
     from draftsmith.train import loop
     from draftsmith.train.anchors import sample_anchors
     from draftsmith.drafters import build_objective

@@ -1,11 +1,12 @@
 """Training throughput and peak memory of the three drafters, and the feature cache's bytes/token
 against DeepSpec's layout — side by side, in one run.
 
-    .venv/bin/python bench/train_bench.py [--steps 6] [--limit 64] [--target smollm2-135m]
+    .venv/bin/python bench/train_bench.py [--steps 6] [--limit 64] [--target smollm2-135m] [--threads N]
 
 Each drafter trains its shipped recipe (`smollm2-135m/{dspark,dflash,eagle3}`) for a few steps in
 its own process (so peak memory is its own): features come from the recipe's cache (built on the
-first run, reused after), the first step is a warm-up, and the table reports anchor-blocks/s
+first run, reused after), built and fed by the loop's own `build_trainer` / `Prefetcher`, the
+first step is a warm-up, and the table reports anchor-blocks/s
 (supervised blocks of γ slots; Eagle3: TTT chains), supervised slots/s, and peak RSS (CPU) or
 peak allocated memory (GPU). Numbers are this machine's, now: run it again before comparing.
 """
@@ -22,41 +23,37 @@ import time
 from draftsmith.drafters import REGISTRY
 
 
-def child(drafter: str, target: str, data: str, steps: int, limit: int) -> dict:
+def child(drafter: str, target: str, data: str, steps: int, limit: int, threads: int | None = None) -> dict:
+    """`steps` optimizer steps after a warm-up, built by the loop's own `build_trainer` and fed
+    as the loop feeds them (the next step's batches made on the prefetch thread)."""
     import torch
 
+    from draftsmith.drafters import objective_for
     from draftsmith.train import loop
-    from draftsmith.drafters import build_objective
-    from draftsmith.train.objectives import ObjectiveConfig
     from draftsmith.train.parallel import init_distributed
+    from draftsmith.train.prefetch import Prefetcher
     from draftsmith.train.recipe import load_recipe
     from draftsmith.train.setup import build_setup
 
-    recipe = load_recipe(f"{target}/{drafter}", [f"data.limit={limit}"])
+    recipe = load_recipe(f"{target}/{drafter}", [f"data.limit={limit}"] + ([f"train.threads={threads}"] if threads else []))
     info = init_distributed()
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     s = build_setup(recipe, data, info, progress=False)
-    obj = build_objective(s.model, s.target.logits, ObjectiveConfig(chunk_size=recipe.train.loss_chunk,
-                                                                    recompute=recipe.train.recompute))
-    params = [p for p in s.model.parameters() if p.requires_grad]
-    opt, _ = loop.make_optimizer(s.model, recipe, steps + 1)
+    trainer = loop.build_trainer(recipe, s, info, objective_for(drafter), steps + 1)
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    blocks = slots = 0.0
-    elapsed = 0.0
-    for step in range(steps + 1):
-        opt.zero_grad(set_to_none=True)
+    counts = []
+    with Prefetcher(trainer.batches, range(steps + 1)) as feed:
+        trainer.train_step(0, feed.get(0))  # warm-up
         tic = time.perf_counter()
-        m = loop.train_step(step, s, recipe, obj, params, info)
-        opt.step()
-        if step:  # step 0 is a warm-up
-            elapsed += time.perf_counter() - tic
-            blocks += m["blocks"]
-            slots += m["tokens"]
+        for step in range(1, steps + 1):
+            counts.append(trainer.train_step(step, feed.get(step)).counts)
+        slots, blocks = torch.stack(counts).sum(0).tolist()  # the one host sync
+        elapsed = time.perf_counter() - tic
     peak = (torch.cuda.max_memory_allocated() if info.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    trainable = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in trainer.params)
     return {"drafter": drafter, "blocks_per_s": blocks / elapsed, "slots_per_s": slots / elapsed,
             "s_per_step": elapsed / steps, "peak_bytes": peak, "device": info.device.type,
             "trainable_params": trainable, "block_size": s.model.config.block_size
@@ -66,12 +63,12 @@ def child(drafter: str, target: str, data: str, steps: int, limit: int) -> dict:
 def cache_rows(target: str, data: str, limit: int) -> list[dict]:
     from draftsmith.features.commands import load_samples
     from draftsmith.features.estimate import estimate
-    from draftsmith.target.model import load_tokenizer
+    from draftsmith.targets.model import load_tokenizer
     from draftsmith.train.recipe import load_recipe
     from transformers import AutoConfig
 
-    from draftsmith.target.model import materialized_dir
-    from draftsmith.target.resolve import resolve_target
+    from draftsmith.targets.model import materialized_dir
+    from draftsmith.targets.resolve import resolve_target
 
     recipe = load_recipe(f"{target}/dspark")
     tok = load_tokenizer(recipe.target)
@@ -92,15 +89,17 @@ def main() -> int:
     p.add_argument("--data", default="../shared/data/sharegpt-smollm2-regen.jsonl")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--limit", type=int, default=64, help="training records (the cache covers them)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's train.threads)")
     p.add_argument("--child", choices=list(REGISTRY), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(child(a.child, a.target, a.data, a.steps, a.limit)), flush=True)
+        print("RESULT " + json.dumps(child(a.child, a.target, a.data, a.steps, a.limit, a.threads)), flush=True)
         return 0
     results = []
     for d in REGISTRY:
         out = subprocess.run([sys.executable, __file__, "--child", d, "--target", a.target, "--data", a.data,
-                              "--steps", str(a.steps), "--limit", str(a.limit)],
+                              "--steps", str(a.steps), "--limit", str(a.limit)]
+                             + (["--threads", str(a.threads)] if a.threads else []),
                              capture_output=True, text=True, check=False)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:

@@ -21,6 +21,6 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    from draftsmith.target.model import load_tokenizer
+    from draftsmith.targets.model import load_tokenizer
 
     return load_tokenizer("smollm2-135m")

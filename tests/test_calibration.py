@@ -11,7 +11,7 @@ from draftsmith.eval.calibration import (
     threshold_sweep,
 )
 from draftsmith.models.calibration import Calibration, load_calibration, save_calibration
-from draftsmith.spec import RoundRecord
+from draftsmith.decoding import RoundRecord
 from draftsmith.utils.io import InputError
 
 

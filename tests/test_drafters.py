@@ -15,8 +15,8 @@ from draftsmith.export.manifest import read_manifest
 from draftsmith.features.online import SampleFeatures
 from draftsmith.models.base import drafter_configs
 from draftsmith.models.io import load_draft, save_draft
-from draftsmith.spec import PlainProposer, SpecEngine, proposer_for
-from draftsmith.target.model import TargetModel
+from draftsmith.decoding import PlainProposer, SpecEngine, proposer_for
+from draftsmith.targets.model import TargetModel
 from draftsmith.train.loop import collate
 from draftsmith.train.objectives import target_head_from
 from draftsmith.train.recipe import Recipe, load_recipe

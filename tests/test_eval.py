@@ -22,8 +22,8 @@ from draftsmith.models.dflash import DFlashConfig, build_dflash
 from draftsmith.models.dspark import DSparkConfig, build_dspark
 from draftsmith.models.eagle3 import Eagle3Config, Eagle3Model
 from draftsmith.models.io import save_draft
-from draftsmith.spec import Generation, RoundRecord, SamplingConfig
-from draftsmith.target.model import load_tokenizer
+from draftsmith.decoding import Generation, RoundRecord, SamplingConfig
+from draftsmith.targets.model import load_tokenizer
 from draftsmith.utils.io import InputError
 
 

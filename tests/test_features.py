@@ -21,7 +21,7 @@ from draftsmith.features import (
     build_cache, compute_features, estimate, supervised_hidden_mask,
 )
 from draftsmith.features.estimate import deepspec_bytes_per_token
-from draftsmith.target.model import TargetModel
+from draftsmith.targets.model import TargetModel
 from draftsmith.utils.io import InputError
 from tiny_targets import tiny_target
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from draftsmith.spec import engine as spec_engine
+from draftsmith.decoding import engine as spec_engine
 from draftsmith.train import loop
 from draftsmith.drafters import build_objective
-from draftsmith.train.objectives import ObjectiveConfig
-from draftsmith.train.parallel import DistInfo, grad_norm_and_clip
+from draftsmith.train.parallel import DistInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
@@ -96,24 +95,15 @@ def test_lossless_section_catches_a_lossy_engine(monkeypatch):
 def test_timed_step_is_the_loops_step(drafter):
     """The phase-timed step gives the loop's loss and the same weights after the update."""
     plan = gpu_check.plan_for(CPU)
-    a, recipe = gpu_check.make_setup(drafter, plan, CPU)
-    b, _ = gpu_check.make_setup(drafter, plan, CPU)
-    runs = []
-    for s in (a, b):
-        obj = build_objective(s.model, s.target.logits, ObjectiveConfig(chunk_size=recipe.train.loss_chunk,
-                                                                         recompute=recipe.train.recompute))
-        params = [p for p in s.model.parameters() if p.requires_grad]
-        opt, sched = loop.make_optimizer(s.model, recipe, 4)
-        runs.append((s, obj, params, opt, sched))
-    s, obj, params, opt, sched = runs[0]
-    timed = gpu_check.timed_step(1, s, recipe, obj, params, opt, sched, CPU)
-    s, obj, params, opt, sched = runs[1]
-    m = loop.train_step(1, s, recipe, obj, params, DistInfo(device=CPU))
-    grad_norm_and_clip(params, recipe.optim.grad_clip)
-    opt.step()
+    trainers = []
+    for _ in range(2):
+        s, recipe = gpu_check.make_setup(drafter, plan, CPU)
+        trainers.append(loop.build_trainer(recipe, s, DistInfo(device=CPU), build_objective, 4, prefetch=False))
+    timed = gpu_check.timed_step(1, trainers[0], CPU)
+    m = trainers[1].reduce(trainers[1].train_step(1))
     assert timed["loss"] == pytest.approx(m["loss"], rel=1e-5)
     assert timed["blocks"] == m["blocks"] and timed["slots"] == m["tokens"]
-    for p, q in zip(runs[0][2], runs[1][2]):
+    for p, q in zip(trainers[0].params, trainers[1].params):
         torch.testing.assert_close(p, q)
     assert all(v >= 0 for v in timed["phases"].values()) and timed["wall"] > 0
 

@@ -14,15 +14,15 @@ ALLOWED = {
     "utils": {"utils", "__init__"},
     "config": {"utils", "config"},
     "engines": LOW,
-    "target": BASE | {"target"},
+    "targets": BASE | {"targets"},
     "models": BASE | {"models"},  # models never imports target
-    "data": LOW | {"data", "target"},
-    "features": LOW | {"data", "target", "models", "features"},
-    "spec": LOW | {"data", "target", "models", "spec"},
-    "train": LOW | {"data", "target", "models", "features", "train"},  # train never imports spec
-    "eval": LOW | {"data", "target", "models", "features", "spec", "eval"},  # never train
-    "export": LOW | {"data", "target", "models", "features", "spec", "export"},
-    "serve": LOW | {"data", "target", "models", "features", "spec", "eval", "export", "serve"},
+    "data": LOW | {"data", "targets"},
+    "features": LOW | {"data", "targets", "models", "features"},
+    "decoding": LOW | {"data", "targets", "models", "decoding"},
+    "train": LOW | {"data", "targets", "models", "features", "train"},  # train never imports decoding
+    "eval": LOW | {"data", "targets", "models", "features", "decoding", "eval"},  # never train
+    "export": LOW | {"data", "targets", "models", "features", "decoding", "export"},
+    "serve": LOW | {"data", "targets", "models", "features", "decoding", "eval", "export", "serve"},
 }
 TOP = {"cli", "drafters", "quickstart", "__main__"}  # the wiring may import anything
 
@@ -69,7 +69,7 @@ def test_import_layers(path):
 
 def test_the_checker_sees_lazy_imports(tmp_path):
     f = tmp_path / "x.py"
-    f.write_text("def f():\n    from draftsmith.spec import loop\n    import draftsmith.train.x\n")
-    assert list(draftsmith_imports(f)) == [(2, "spec"), (3, "train")]
+    f.write_text("def f():\n    from draftsmith.decoding import loop\n    import draftsmith.train.x\n")
+    assert list(draftsmith_imports(f)) == [(2, "decoding"), (3, "train")]
     f.write_text("from draftsmith import __version__, cli\n")
     assert list(draftsmith_imports(f)) == [(1, "__init__"), (1, "cli")]

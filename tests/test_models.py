@@ -34,7 +34,7 @@ from draftsmith.models.vocab import (
     scatter_draft_logits,
     target_to_draft,
 )
-from draftsmith.target.model import TargetModel
+from draftsmith.targets.model import TargetModel
 from draftsmith.utils.io import InputError
 
 FAMILIES = ["llama", "qwen3", "gemma"]

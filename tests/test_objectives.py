@@ -13,7 +13,7 @@ from draftsmith.models.dspark import DSparkConfig, build_dspark
 from draftsmith.models.eagle3 import Eagle3Config, Eagle3Model
 from draftsmith.models.vocab import scatter_draft_logits
 from draftsmith.drafters import build_objective
-from draftsmith.target.model import TargetModel
+from draftsmith.targets.model import TargetModel
 from draftsmith.train.anchors import (
     all_anchors,
     anchor_candidates,

@@ -153,7 +153,7 @@ def test_export_hf_rerun_replaces_its_own_output(tmp_path, target_dir, capsys):
 
 
 def test_export_hf_failure_mid_write_leaves_no_half_dir(tmp_path, target_dir, monkeypatch):
-    from draftsmith.target import export_hf as mod
+    from draftsmith.targets import export_hf as mod
 
     def half_write(model):
         class Half:
@@ -321,7 +321,7 @@ def test_data_regenerate_out_dir_fails_before_any_request(tmp_path, monkeypatch,
 
 
 def test_target_export_hf_out_file_fails_before_loading(tmp_path, target_dir, monkeypatch, capsys):
-    import draftsmith.target.model as model_mod
+    import draftsmith.targets.model as model_mod
 
     monkeypatch.setattr(model_mod, "load_hf_model", _refuse)
     out = tmp_path / "hf"

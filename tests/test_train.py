@@ -152,3 +152,18 @@ def test_bad_inputs_fail_clearly(world, tmp_path):
                                    "model.target_layer_ids=[0,1]"]), str(world["data"]), tmp_path / "f", progress=False)
     with pytest.raises(InputError, match="unknown recipe"):
         load_recipe("smollm2-135m/medusa")
+
+
+def test_metrics_are_reduced_on_log_steps_only(world, tmp_path, monkeypatch):
+    from draftsmith.drafters import train
+    from draftsmith.train import loop
+    from draftsmith.train.recipe import load_recipe
+
+    reduced = []
+    real = loop.Trainer.reduce
+    monkeypatch.setattr(loop.Trainer, "reduce", lambda self, acc: (reduced.append(self.step), real(self, acc))[1])
+    recipe = load_recipe(str(make_recipe(tmp_path / "r.yaml", world["llama"], "dspark")),
+                         ["train.max_steps=7", "train.log_every=3"])
+    train(recipe, str(world["data"]), tmp_path / "run", progress=False)
+    assert reduced == [3, 6, 7]  # log steps and the last one: no collective or host sync on the others
+    assert [s for s, _ in losses(tmp_path / "run")] == [3, 6, 7]

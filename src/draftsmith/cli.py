@@ -34,7 +34,7 @@ def _target_parser(sub) -> None:
 def _run_target_info(args) -> int:
     import json
 
-    from draftsmith.target.model import describe, load_target_model
+    from draftsmith.targets.model import describe, load_target_model
 
     model, source = load_target_model(args.target)
     print(json.dumps(describe(source, model), indent=2))
@@ -42,7 +42,7 @@ def _run_target_info(args) -> int:
 
 
 def _run_target_export(args) -> int:
-    from draftsmith.target.export_hf import export_hf, summary
+    from draftsmith.targets.export_hf import export_hf, summary
 
     check_output_dir(args.out, "--out")
     out = export_hf(args.target, args.out)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "no_progress", False):  # also the bars of loading the target
-        from draftsmith.target.model import set_load_progress
+        from draftsmith.targets.model import set_load_progress
 
         set_load_progress(False)
     try:

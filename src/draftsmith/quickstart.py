@@ -175,7 +175,7 @@ def _serve_stage(out: Path, draft: Path, source: list[str], args) -> tuple[int, 
 
 def run(args) -> int:
     from draftsmith.data import prepare, regenerate
-    from draftsmith.target.model import describe, load_target_model, load_tokenizer
+    from draftsmith.targets.model import describe, load_target_model, load_tokenizer
 
     out = Path(args.out)
     (out / "data").mkdir(parents=True, exist_ok=True)

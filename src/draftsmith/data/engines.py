@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from draftsmith.engines import llama_cpp
-from draftsmith.target.resolve import resolve_target
+from draftsmith.targets.resolve import resolve_target
 from draftsmith.utils.io import InputError
 from draftsmith.utils.paths import cache_root
 

@@ -33,8 +33,8 @@ def objective_for(name: str) -> ObjectiveFactory:
 
 def build_objective(model: nn.Module, target_head: TargetHead | None,
                     config: ObjectiveConfig | None = None) -> BlockObjective:
-    """The objective of the model's drafter (`model.config.drafter`; `model` may be DDP-wrapped)."""
-    return get(getattr(model, "module", model).config.drafter).build_objective(model, target_head, config)
+    """The objective of the model's drafter (`model.config.drafter`): a module that owns `model`."""
+    return get(model.config.drafter).build_objective(model, target_head, config)
 
 
 def train(recipe, data: str, out, **kwargs):

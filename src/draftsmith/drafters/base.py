@@ -7,7 +7,7 @@ A `DrafterSpec` bundles, for one drafter kind:
 - `objective`: its training hooks (a `train.objectives.BlockObjective` subclass), with
   `loss_weights` (None: the objective's own default) and `anchored` (the batches carry drawn
   anchors, or the objective supervises every position itself);
-- `proposer`: its decoding hooks (a `spec.proposers.Proposer` subclass, built with `for_draft`);
+- `proposer`: its decoding hooks (a `decoding.proposers.Proposer` subclass, built with `for_draft`);
 - `formats`: the export format adapters that take its config class (`export.formats_for`).
 
 The stages never import this package: the CLI (and quickstart, tests, benches) looks a spec up
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from draftsmith.models.base import DraftConfig
-from draftsmith.spec.proposers import Proposer
+from draftsmith.decoding.proposers import Proposer
 from draftsmith.train.objectives import BlockObjective, LossWeights, ObjectiveConfig, TargetHead
 
 
@@ -53,7 +53,7 @@ class DrafterSpec:
 
     def build_objective(self, model: nn.Module, target_head: TargetHead | None,
                         config: ObjectiveConfig | None = None) -> BlockObjective:
-        """This drafter's objective for `model` (maybe DDP-wrapped): the train loop's factory."""
+        """This drafter's objective (an `nn.Module` owning `model`): the train loop's factory."""
         return self.objective(model, target_head, config, self.loss_weights)
 
     def make_proposer(self, model: nn.Module, num_tokens: int = 7) -> Proposer:

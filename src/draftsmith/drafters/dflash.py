@@ -6,7 +6,7 @@ z-lab's releases) decodes one slot fewer, exports in z-lab's layout and is not t
 
 from draftsmith.drafters.base import DrafterSpec
 from draftsmith.models.dflash import DFlashConfig
-from draftsmith.spec.proposers import DSparkProposer
+from draftsmith.decoding.proposers import DSparkProposer
 from draftsmith.train.objectives import DSparkObjective, LossWeights
 
 SPEC = DrafterSpec(

@@ -7,7 +7,7 @@ draftsmith's own dir.
 
 from draftsmith.drafters.base import DrafterSpec
 from draftsmith.models.dspark import DSparkConfig
-from draftsmith.spec.proposers import DSparkProposer
+from draftsmith.decoding.proposers import DSparkProposer
 from draftsmith.train.objectives import DSparkObjective
 
 SPEC = DrafterSpec(

@@ -7,7 +7,7 @@ and draftsmith's own dir.
 
 from draftsmith.drafters.base import DrafterSpec
 from draftsmith.models.eagle3 import Eagle3Config
-from draftsmith.spec.proposers import Eagle3Proposer
+from draftsmith.decoding.proposers import Eagle3Proposer
 from draftsmith.train.objectives import Eagle3Objective
 
 SPEC = DrafterSpec(

@@ -30,7 +30,7 @@ from draftsmith.eval.report import fmt_num
 from draftsmith.eval.runner import Settings, build_decoders
 from draftsmith.models.calibration import Calibration, save_calibration
 from draftsmith.models.io import read_draft_config
-from draftsmith.target.model import load_target_model, load_tokenizer
+from draftsmith.targets.model import load_target_model, load_tokenizer
 from draftsmith.utils.io import InputError, atomic_write_json, atomic_write_text, check_output_dir
 
 log = logging.getLogger(__name__)

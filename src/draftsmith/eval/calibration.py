@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from draftsmith.spec import PMinRule, Proposal, RoundRecord, SurvivalRule
+from draftsmith.decoding import PMinRule, Proposal, RoundRecord, SurvivalRule
 from draftsmith.utils.plots import pyplot, save
 
 STS_GRID = torch.exp(torch.linspace(math.log(0.05), math.log(20.0), 161, dtype=torch.float64))

@@ -29,8 +29,8 @@ from draftsmith.eval.report import comparison_table, write_report
 from draftsmith.eval.runner import (
     BASELINES, Benchmark, Settings, build_decoders, count_calls, parse_truncate, run_benchmark, warm_up,
 )
-from draftsmith.spec import SamplingConfig
-from draftsmith.target.model import load_target_model, load_tokenizer
+from draftsmith.decoding import SamplingConfig
+from draftsmith.targets.model import load_target_model, load_tokenizer
 from draftsmith.utils.dtypes import resolve as resolve_dtype
 from draftsmith.utils.io import InputError, atomic_write_json, atomic_write_text, check_output_dir
 
@@ -71,6 +71,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "checks on tiny targets (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the target's forward (CUDA only; a logged no-op on CPU)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -116,7 +118,7 @@ def sampling_settings(args, stop_ids: list[int], pad_id: int) -> Settings:
         if value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
     return Settings(args.max_new_tokens, sampling_config(args), stop_ids, pad_id, args.seed, args.batch_size,
-                    args.num_draft_tokens, args.truncate)
+                    args.num_draft_tokens, args.truncate, args.compile)
 
 
 def load_datasets(args) -> list[EvalDataset]:

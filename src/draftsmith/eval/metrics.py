@@ -3,7 +3,7 @@
 Definitions (a "row-round" is one row of one propose -> verify -> commit round):
 
 - `tau`: mean over row-rounds of accepted + 1 (bonus included); an EOS-terminated last round
-  counts only what it accepted (`spec.RoundRecord.tau_counts`). Pooled: every row-round of every
+  counts only what it accepted (`decoding.RoundRecord.tau_counts`). Pooled: every row-round of every
   sample weighs the same, so long answers weigh more (as in the paper and in llama.cpp).
 - `tau_uncapped`: the same over the samples that ended at an end-of-turn token only; answers cut at
   --max-new-tokens (often repetition loops on a small target) are left out, so loops do not pass
@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from draftsmith.spec import Generation, RoundRecord, summarize
+from draftsmith.decoding import Generation, RoundRecord, summarize
 
 MAX_MISMATCH_DETAILS = 20  # per (decoder, dataset) in metrics.json
 

@@ -33,11 +33,11 @@ from draftsmith.eval.datasets import EvalDataset, decode_answer, render_prompt
 from draftsmith.eval.metrics import Tally
 from draftsmith.models.calibration import load_calibration
 from draftsmith.models.io import load_draft
-from draftsmith.spec import (
+from draftsmith.decoding import (
     KeepAll, NGramProposer, PlainProposer, PMinRule, Proposer, SamplingConfig, SpecEngine, SurvivalRule,
     proposer_for,
 )
-from draftsmith.target.model import TargetModel
+from draftsmith.targets.model import TargetModel
 from draftsmith.utils.io import InputError
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class Settings:
     batch_size: int = 1
     num_draft_tokens: int = 7  # n-gram and EAGLE-3 draft lengths (DSpark/DFlash: the block size)
     truncate: str = "none"  # "none" | "p-min=P" | "survival=THRESHOLD" (confidence-head drafts)
+    compile: bool = False  # torch.compile the target's forward (CUDA only; a logged no-op elsewhere)
 
     @property
     def compare(self) -> bool:
@@ -166,7 +167,8 @@ def build_decoders(hf_model, drafts: dict[str, str], baselines: list[str], setti
 
     def engine(proposer, truncate=None) -> SpecEngine:
         return SpecEngine(target_for(proposer.target_layer_ids), proposer, settings.sampling, truncate,
-                          eos_token_ids=settings.stop_ids, pad_token_id=settings.pad_id)
+                          eos_token_ids=settings.stop_ids, pad_token_id=settings.pad_id,
+                          compile=settings.compile)
 
     decoders = [Decoder(PLAIN, PLAIN, engine(PlainProposer()))]
     for b in baselines:

@@ -71,7 +71,7 @@ class ReadContext:
         name = name or self.target or ((self.manifest or {}).get("target") or {}).get("id") or ""
 
         def load():
-            from draftsmith.target.model import load_target_model
+            from draftsmith.targets.model import load_target_model
 
             hf, _ = load_target_model(name)
             return (hf.get_input_embeddings().weight.detach(),
@@ -81,7 +81,7 @@ class ReadContext:
     def target_layers(self, why: str) -> int:
         from transformers import AutoConfig
 
-        from draftsmith.target.resolve import resolve_target
+        from draftsmith.targets.resolve import resolve_target
 
         source = resolve_target(self.target_name(why))
         kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}

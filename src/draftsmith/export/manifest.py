@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from draftsmith import __version__
 from draftsmith.models.layers import geometry_from_target
-from draftsmith.target.resolve import TargetSource, resolve_target
+from draftsmith.targets.resolve import TargetSource, resolve_target
 from draftsmith.models.io import read_config_json
 from draftsmith.utils.io import InputError, atomic_write_json
 
@@ -213,7 +213,7 @@ def describe_target(target: str | TargetSource) -> TargetInfo:
     """Resolve a target (alias, GGUF file, HF dir, hub id) to its identity and HF config."""
     from transformers import AutoConfig
 
-    from draftsmith.target.model import load_tokenizer
+    from draftsmith.targets.model import load_tokenizer
 
     source = resolve_target(target) if isinstance(target, str) else target
     kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
@@ -237,8 +237,8 @@ def target_hf_dir(info: TargetInfo) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(source.path))
-    from draftsmith.target.export_hf import export_hf
-    from draftsmith.target.model import materialized_dir
+    from draftsmith.targets.export_hf import export_hf
+    from draftsmith.targets.model import materialized_dir
 
     cached = materialized_dir(source)
     if not (cached / "draftsmith_target.json").is_file():

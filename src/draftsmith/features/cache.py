@@ -57,7 +57,7 @@ from draftsmith.features.estimate import (
 from draftsmith.features.online import (
     FeaturePolicy, SampleFeatures, compute_features, supervised_hidden_mask, target_identity,
 )
-from draftsmith.target.model import TargetModel
+from draftsmith.targets.model import TargetModel
 from draftsmith.utils.io import InputError, atomic_write_json
 
 FORMAT = "draftsmith-feature-cache"

@@ -25,8 +25,8 @@ from draftsmith.features.estimate import (
     DEFAULT_SHARD_TOKENS, DTYPES, Estimate, deepspec_bytes_per_token, estimate, human_bytes,
 )
 from draftsmith.features.online import TORCH_DTYPES, FeaturePolicy
-from draftsmith.target.model import check_layer_ids, load_target, load_tokenizer, materialized_dir
-from draftsmith.target.resolve import resolve_target
+from draftsmith.targets.model import check_layer_ids, load_target, load_tokenizer, materialized_dir
+from draftsmith.targets.resolve import resolve_target
 from draftsmith.utils.io import InputError, check_output_dir
 
 MAX_SHOWN_PROBLEMS = 10

@@ -26,7 +26,7 @@ import torch
 
 from draftsmith.config import StrictConfig
 from draftsmith.data.templates import RenderedSample
-from draftsmith.target.model import TargetModel, load_target, num_layers
+from draftsmith.targets.model import TargetModel, load_target, num_layers
 from draftsmith.utils.io import InputError
 
 # config keys that do not change what a forward computes

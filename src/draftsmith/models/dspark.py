@@ -461,10 +461,12 @@ class DSparkModel(DraftVocabMixin, nn.Module):
     @torch.no_grad()
     def append_context(self, cache: KVCache, features: torch.Tensor) -> None:
         """Project the features [B, n, L·H] of the next n committed positions once and append
-        their context K/V to every layer."""
+        their context K/V to every layer. `cache.length`: an int, or [B] per-row starts (a
+        ragged writer, `decoding.kv.RaggedKVCache.rows_writer`)."""
         B, n, _ = features.shape
         ctx = self.project_context(features)  # [B, n, L·H] -> [B, n, H]
-        pos = torch.arange(cache.length, cache.length + n, device=ctx.device).expand(B, -1)  # [B, n]
+        start = torch.as_tensor(cache.length, device=ctx.device).reshape(-1, 1)  # [B | 1, 1]
+        pos = (start + torch.arange(n, device=ctx.device)).expand(B, -1)  # [B, n]
         cos, sin = self.rotary(pos, ctx.dtype)
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.project_kv(ctx, cos, sin)
@@ -481,7 +483,7 @@ class DSparkModel(DraftVocabMixin, nn.Module):
         """
         B, g, dev = anchor_token.shape[0], self.config.block_size, anchor_token.device
         anchor_pos = torch.as_tensor(anchor_pos, device=dev).expand(B).long()
-        if bool((anchor_pos > cache.length).any()):
+        if dev.type == "cpu" and bool((anchor_pos > cache.length).any()):  # no sync on GPUs
             raise ValueError(f"anchor at {anchor_pos.tolist()} needs context up to it; "
                              f"the cache holds {cache.length} positions")
         ids = torch.full((B, g), self.config.mask_token_id, dtype=torch.long, device=dev)

@@ -13,6 +13,9 @@ to the diagonal keys (index i) of steps 1..s. RoPE: step s at index i sits at po
 
 Inference: `extend` appends step-0 entries for committed (feature, next token) pairs to a KV
 cache, `propose` drafts a chain of k tokens and rolls the cache back to the committed entries.
+`extend_rows` / `propose_rows` do the same for a batch whose rows hold different numbers of
+entries (a ragged cache with a length per row; masks hide each row's stale entries), so the decode
+loop drafts every row with one batched forward per slot.
 """
 
 from __future__ import annotations
@@ -262,4 +265,65 @@ class Eagle3Model(DraftVocabMixin, nn.Module):
         cache.append(0, k, v)
         k_all, v_all = cache.get(0)  # every entry so far is visible to the newest one
         out = self.midlayer.finish(self.midlayer.self_attn.attend(q, k_all, v_all, None), residual)
+        return out, self.draft_logits(self.norm(out))[:, 0]
+
+    # -- inference, batched over rows of different lengths
+
+    @torch.no_grad()
+    def extend_rows(self, cache, features: torch.Tensor, next_tokens: torch.Tensor,
+                    counts: torch.Tensor, bound: int):
+        """`extend` for rows holding different numbers of entries. cache: a ragged cache
+        (`decoding.kv.RaggedKVCache`: `row_lengths` [B], `scatter`, `prefix`, `set_lengths`); row r
+        appends the first counts[r] of its pairs (features [B, n, 3·H], next_tokens [B, n]) at
+        its own positions; the other pairs land past its new length (stale). bound (host): the
+        longest row's length afterwards (exact: a single row then needs no chain mask).
+        -> (pre-norm output [B, 1, H], logits [B, V_draft]) of each row's last new entry."""
+        B, n, _ = features.shape
+        dev, start = features.device, cache.row_lengths  # [B]
+        pos = start[:, None] + torch.arange(n, device=dev)  # [B, n]
+        hidden = self.fc(features.to(self.fc.weight.dtype))  # [B, n, 3H] -> [B, n, H]
+        q, k, v, residual = self._qkv(self.embed_tokens(next_tokens), hidden, pos)
+        cache.scatter(0, k, v, pos, bound + n)
+        k_all, v_all = cache.prefix(0, bound)
+        keys = torch.arange(bound, device=dev)
+        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, n, T] -> [B, 1, n, T]
+        out = self.midlayer.finish(self.midlayer.self_attn.attend(q, k_all, v_all, mask), residual)
+        last = (counts - 1)[:, None, None].expand(B, 1, out.shape[-1])  # [B] -> [B, 1, H]
+        out = out.gather(1, last)  # [B, n, H] -> [B, 1, H]
+        cache.set_lengths(start + counts)
+        return out, self.draft_logits(self.norm(out))[:, 0]
+
+    @torch.no_grad()
+    def propose_rows(self, cache, features: torch.Tensor, next_tokens: torch.Tensor,
+                     counts: torch.Tensor, num_tokens: int, bound: int,
+                     sampler: Sampler | None = None) -> Eagle3Proposal:
+        """`propose` for a batch of rows of different lengths (see `extend_rows`): one batched
+        forward per drafted slot. Chain entries are written past each row's committed length
+        and stay stale (the cache's lengths are the committed ones on return)."""
+        hidden, step_logits = self.extend_rows(cache, features, next_tokens, counts, bound)
+        committed = cache.row_lengths  # [B]
+        tokens, all_logits = [], []
+        for s in range(num_tokens):
+            draft_id = sampler(step_logits) if sampler is not None else step_logits.argmax(-1)
+            token = self.to_target_ids(draft_id)
+            tokens.append(token)
+            all_logits.append(step_logits)
+            if s + 1 < num_tokens:
+                step = self._chain_step_rows(cache, token, hidden, committed + s, bound + s + 1)
+                hidden, step_logits = step
+        return Eagle3Proposal(torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1))
+
+    def _chain_step_rows(self, cache, token: torch.Tensor, hidden: torch.Tensor,
+                         position: torch.Tensor, bound: int):
+        """One drafted step of every row at its own position [B] (< bound, host) ->
+        (pre-norm output [B, 1, H], logits [B, V_draft]); its K/V are written at `position`."""
+        pos = position[:, None]  # [B, 1]
+        q, k, v, residual = self._qkv(self.embed_tokens(token[:, None]), hidden, pos)
+        cache.scatter(0, k, v, pos, bound)
+        k_all, v_all = cache.prefix(0, bound)
+        mask = None  # a single row at the exact bound sees every entry
+        if token.shape[0] > 1:
+            keys = torch.arange(bound, device=pos.device)[None, :]  # [1, T]
+            mask = (keys <= pos)[:, None, None]  # [B, T] -> [B, 1, 1, T]
+        out = self.midlayer.finish(self.midlayer.self_attn.attend(q, k_all, v_all, mask), residual)
         return out, self.draft_logits(self.norm(out))[:, 0]

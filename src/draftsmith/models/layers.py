@@ -1,7 +1,7 @@
 """Building blocks shared by every draft architecture.
 
 - `DraftGeometry`: the target geometry a draft copies (read from the target's HF config object,
-  never from `draftsmith.target`), the common base of every drafter config.
+  never from `draftsmith.targets`), the common base of every drafter config.
 - `RMSNorm`, `RotaryEmbedding` + `apply_rope`, `MLP` (gated: SwiGLU for Llama/Qwen3, GeGLU-tanh
   for Gemma).
 - `Attention`: GQA attention through `scaled_dot_product_attention` with an explicit mask, whose
@@ -290,7 +290,7 @@ class Attention(nn.Module):
     """GQA attention; keys/values may be prefixed with precomputed context keys/values.
 
     `project_kv` is applied identically to context rows and to the layer's own tokens
-    (k_norm, then RoPE at the given real positions; V without norm unless `spec.v_norm`), so the
+    (k_norm, then RoPE at the given real positions; V without norm unless `decoding.v_norm`), so the
     context K/V of committed tokens can be computed once and cached.
     """
 

@@ -38,8 +38,8 @@ from draftsmith.eval.runner import Settings, build_decoders
 from draftsmith.export import export, resolve_draft_dir
 from draftsmith.export import gguf as gguf_export
 from draftsmith.export.manifest import describe_target, read_manifest
-from draftsmith.spec import SamplingConfig
-from draftsmith.target.model import load_target_model, load_tokenizer
+from draftsmith.decoding import SamplingConfig
+from draftsmith.targets.model import load_target_model, load_tokenizer
 from draftsmith.utils.io import InputError, atomic_write_json, check_output_dir
 
 log = logging.getLogger(__name__)

@@ -2,18 +2,21 @@
 
     for step in steps:                       # one optimizer step = one global batch
         batch = this rank's share of the step's sequences, in micro-batches
+                (made one step ahead on a background thread: `Prefetcher`)
         D = Σ denominators over micro-batches and ranks   (data only: validity, weights)
         for micro-batch: loss = Σ_local w·ℓ / D ; backward  (gradients accumulate)
-        all-reduce(SUM) gradients ; clip ; AdamW ; warmup+cosine LR
-        log, evaluate held-out τ_sim, checkpoint
+        gradients summed over ranks (DDP buckets during the last micro-batch's backward, or
+        FSDP2 reduce-scatter) ; clip ; AdamW ; warmup+cosine LR
+        on log steps only: reduce the metrics ; evaluate held-out τ_sim ; checkpoint
 
 Because every micro-batch is normalized by the global denominators, the summed gradient is the
-global-batch gradient exactly, whatever the number of processes or micro-batches. Data
-parallelism is an explicit bucketed all-reduce of the replicated parameters' gradients (gloo on
-CPU, nccl on GPU) — the objective calls the draft's heads outside `forward`, which
-`DistributedDataParallel`'s hooks do not support; with `parallel: fsdp2` the draft layers are
-sharded by `fully_shard` (summing reduce-scatter) and the rest is all-reduced the same way.
-The sample order is a permutation keyed by (seed, epoch); anchors by (seed, epoch, sample id).
+global-batch gradient exactly, whatever the number of processes or micro-batches. The objective
+is an `nn.Module` that owns the draft, so data parallelism is `DistributedDataParallel(objective)`
+(gloo on CPU, nccl on GPU; `no_sync()` on all but the last micro-batch, the loss scaled by W
+since DDP averages) or, with `parallel: fsdp2`, `fully_shard` of the draft layers and of the
+objective (summing reduce-scatter). The state of a run is one `Trainer` (`build_trainer`, which
+the benches use too). The sample order is a permutation keyed by (seed, epoch); anchors by
+(seed, epoch, sample id).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+from dataclasses import dataclass
 import logging
 import math
 import time
@@ -40,9 +44,10 @@ from draftsmith.train.objectives import (
 )
 from draftsmith.train.anchors import pad_anchors, sample_anchors
 from draftsmith.train.parallel import (
-    DistInfo, all_reduce_sum, barrier, full_model_state, grad_norm_and_clip, init_distributed, shard_layers,
-    shutdown,
+    DistInfo, all_reduce_sum, any_rank, barrier, full_model_state, grad_norm_and_clip, init_distributed,
+    shard_objective, shutdown, wrap_ddp,
 )
+from draftsmith.train.prefetch import Prefetcher
 from draftsmith.train.recipe import Recipe, load_recipe
 from draftsmith.train.setup import Setup, build_setup
 from draftsmith.utils.io import InputError, check_output_dir
@@ -120,88 +125,63 @@ def make_optimizer(model, recipe: Recipe, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
-def all_reduce_grads(params: list[torch.Tensor]) -> None:
-    """Sum the replicated parameters' gradients over ranks in one flat bucket (no-op on one
-    process); FSDP2-sharded gradients are already reduce-scattered as sums."""
-    grads = [p.grad for p in params if p.grad is not None and not hasattr(p.grad, "placements")]
-    if not grads:
-        return
-    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+# --------------------------------------------------------------------------- step metrics
 
 
-# --------------------------------------------------------------------------- one step
+@dataclass
+class StepSums:
+    """One optimizer step's metrics as this rank's device tensors (nothing reduced, no host sync):
+    term numerators, τ stats, [supervised slots, supervised blocks], the global denominators."""
+
+    sums: dict
+    tau: TauSimMeter
+    counts: torch.Tensor
+    den: dict
+    sequences: int
+    lr: float = 0.0
+    grad_norm: torch.Tensor | None = None
 
 
-def train_step(step: int, s: Setup, recipe: Recipe, objective, params, info: DistInfo) -> dict:
-    """One optimizer step's forward/backward over this rank's micro-batches; returns metrics.
-    p_t is computed when a loss term needs it (DSpark L1, Eagle3 soft CE) and otherwise (DFlash)
-    only every `train.target_metrics_every` steps, for the train/tau_sim and c* metrics."""
-    plan = step_samples(step, len(s.data.train), recipe.train.global_batch, recipe.train.seed)
-    mine = plan[info.rank::info.world]
-    mb = recipe.train.micro_batch
-    batches = []
-    for i in range(0, len(mine), mb):
-        chunk = mine[i: i + mb]
-        feats = s.features([s.data.train[j] for j, _ in chunk])
-        batches.append(collate(feats, [e for _, e in chunk], recipe, objective.anchored, info.device,
-                               _num_anchors(s)))
-    den = reduce_denominators([objective.denominators(b) for b in batches], all_reduce_sum)
-    sums, tau, counts = _accumulate(objective, batches, den, backward=True,
-                                    autocast=lambda: _autocast(s, info),
-                                    target_metrics=step % recipe.train.target_metrics_every == 0)
-    all_reduce_grads(params)
-    return _step_metrics(objective, sums, den, tau, counts, len(plan))
+def _add_parts(acc: StepSums, parts: LossParts) -> None:
+    for k, v in parts.sums.items():
+        acc.sums[k] = acc.sums.get(k, 0) + v.detach()
+    acc.tau.add(parts)
+    acc.counts = acc.counts + torch.stack([parts.tokens, parts.blocks]).to(acc.counts.dtype)
 
 
-def _accumulate(objective, batches, den, backward: bool, autocast=contextlib.nullcontext,
-                target_metrics: bool = True):
-    """Run the objective over micro-batches with the shared denominators `den`: summed term
-    numerators, τ stats and [supervised slots, supervised blocks] (backward per micro-batch when
-    training)."""
-    sums, tau = {}, TauSimMeter(objective.block_size, batches[0].input_ids.device)
-    tokens = torch.zeros((), device=batches[0].input_ids.device)
-    blocks = torch.zeros((), device=batches[0].input_ids.device)
+def _empty_sums(objective, den: dict, device, sequences: int) -> StepSums:
+    return StepSums({}, TauSimMeter(objective.block_size, device),
+                    torch.zeros(2, dtype=torch.float64, device=device), den, sequences)
+
+
+def _accumulate(objective, batches, den) -> StepSums:
+    """The objective over micro-batches with the shared denominators `den`, without backward."""
+    acc = _empty_sums(objective, den, batches[0].input_ids.device, 0)
     for b in batches:
-        with autocast():  # forward only: backward runs outside autocast
-            parts: LossParts = objective(b, den, target_metrics)
-        if backward:
-            parts.loss.backward()
-        for k, v in parts.sums.items():
-            sums[k] = sums.get(k, 0) + v.detach()
-        tau.add(parts)
-        tokens = tokens + parts.tokens
-        blocks = blocks + parts.blocks
-    return sums, tau, torch.stack([tokens, blocks])
+        _add_parts(acc, objective(b, den))
+    return acc
 
 
-def _num_anchors(s: Setup) -> int:
-    return int(getattr(s.model.config, "num_anchors", 0) or 1)
+def _num_anchors(model) -> int:
+    return int(getattr(model.config, "num_anchors", 0) or 1)
 
 
-def _autocast(s: Setup, info: DistInfo):
-    """bf16 autocast of the draft's forward where `train.precision` resolved to bf16."""
-    return torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=s.precision.name == "bf16")
-
-
-def _step_metrics(objective, sums: dict, den: dict, tau: TauSimMeter, counts, sequences: int) -> dict:
-    """Global loss parts (all-reduced) of one step; counts = [supervised slots, blocks]."""
-    keys = sorted(sums)
-    flat = all_reduce_sum(torch.stack([sums[k].double() for k in keys] + list(counts.double())))
-    tau.load_sums(all_reduce_sum(tau.sums()))
+def _step_metrics(objective, acc: StepSums) -> dict:
+    """Global loss parts (all-reduced: a collective) of one step."""
+    keys = sorted(acc.sums)
+    flat = all_reduce_sum(torch.cat([torch.stack([acc.sums[k].double() for k in keys]) if keys
+                                     else acc.counts.new_zeros(0), acc.counts.double()]))
+    tau = TauSimMeter(acc.tau.block_size, acc.counts.device)
+    tau.load_sums(all_reduce_sum(acc.tau.sums()))
     out = {}
     loss = 0.0
     for k, v in zip(keys, flat[:-2].tolist()):
-        out[k] = v / max(float(den[TERM_DENOMINATOR[k]]), 1e-12)
+        out[k] = v / max(float(acc.den[TERM_DENOMINATOR[k]]), 1e-12)
         loss += getattr(objective.loss_weights, k) * out[k]
-    out.update(loss=loss, tokens=float(flat[-2]), sequences=sequences, blocks=float(flat[-1]))
+    out.update(loss=loss, tokens=float(flat[-2]), sequences=acc.sequences, blocks=float(flat[-1]))
     if float(tau.blocks):
         out.update(tau_sim=tau.value(), c_star=[round(c, 5) for c in tau.per_position()["c_star"]])
     return out
-
 
 # --------------------------------------------------------------------------- evaluation
 
@@ -213,9 +193,10 @@ def evaluate(s: Setup, recipe: Recipe, objective, info: DistInfo, held_feats) ->
         return {}
     mb = recipe.train.micro_batch
     batches = [collate(held_feats[i: i + mb], [EVAL_EPOCH] * len(held_feats[i: i + mb]), recipe,
-                       objective.anchored, info.device, _num_anchors(s)) for i in range(0, len(held_feats), mb)]
+                       objective.anchored, info.device, _num_anchors(s.model)) for i in range(0, len(held_feats), mb)]
     den = reduce_denominators([objective.denominators(b) for b in batches])
-    sums, tau, _ = _accumulate(objective, batches, den, backward=False)
+    acc = _accumulate(objective, batches, den)
+    sums, tau = acc.sums, acc.tau
     out = {f"eval/{k}": float(v) / max(float(den[TERM_DENOMINATOR[k]]), 1e-12) for k, v in sums.items()}
     if float(tau.blocks):
         per = tau.per_position()
@@ -269,27 +250,19 @@ def _train(recipe: Recipe, data: str, out: str | Path, cache, heldout, init_from
 
     torch.manual_seed(recipe.train.seed)
     s = build_setup(recipe, data, info, cache, init_from, progress and info.is_main, check_data)
-    sharded = info.world > 1 and recipe.train.parallel == "fsdp2"
-    if sharded:
-        shard_layers(s.model, info)
-    objective = build_objective(s.model, s.target.logits, ObjectiveConfig(chunk_size=recipe.train.loss_chunk,
-                                                                           recompute=recipe.train.recompute))
-    params = [p for p in s.model.parameters() if p.requires_grad]
-    steps = total_steps(recipe, len(s.data.train))
-    opt, sched = make_optimizer(s.model, recipe, steps)
-    start = _maybe_resume(run, s, opt, sched, resume, sharded)
+    trainer = build_trainer(recipe, s, info, build_objective)
+    start, steps = trainer.resume(run, resume), trainer.steps
     if start >= steps:  # nothing to do; leave the run's files as they are
         log.info("%s is already at step %d (this recipe ends at step %d): nothing to train", run, start, steps)
         shutdown()
         return ckpt.latest_checkpoint(run)
     if info.is_main:
         _announce(run, s, recipe, data_record)
-    metrics = MetricsLog(run, info.is_main, resume_step=start if start else None)
+    metrics = trainer.metrics = MetricsLog(run, info.is_main, resume_step=start if start else None)
     metrics.log(start, {"compute": {"target_dtype": s.target_dtype.record(), "precision": s.precision.record()}})
     # held-out evaluation runs on rank 0; with FSDP2 every rank takes part (its forwards gather)
-    held_feats = s.features(s.data.heldout) if info.is_main or sharded else []
-    final, stop = _loop(run, s, recipe, objective, params, opt, sched, info, start, steps, metrics,
-                        held_feats, progress, started, sharded)
+    held_feats = s.features(s.data.heldout) if info.is_main or trainer.sharded else []
+    final, stop = trainer.fit(run, start, held_feats, progress, started)
     metrics.log(stop["step"], {"stopped_by": stop["by"], "elapsed_s": round(time.time() - started, 1)})
     metrics.close()
     barrier()
@@ -309,95 +282,216 @@ def _announce(run: Path, s: Setup, recipe: Recipe, data_record: dict) -> None:
     run_inputs.write_inputs(run, recipe, data_record)
 
 
-def _maybe_resume(run: Path, s: Setup, opt, sched, resume: bool, sharded: bool) -> int:
-    last = ckpt.latest_checkpoint(run) if resume else None
-    if last is None:
-        return 0
-    from draftsmith.models.io import load_draft
-
-    full = load_draft(last).state_dict()
-    state = ckpt.load_state(last)
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
-        )
-
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(s.model, full, options=opts)
-        set_optimizer_state_dict(s.model, opt, state["optimizer"], options=opts)
-    else:
-        s.model.load_state_dict(full)
-        opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(state["rng"])
-    log.info("resuming from %s (step %d)", last, state["step"])
-    return int(state["step"])
+# --------------------------------------------------------------------------- the trainer
 
 
-def _loop(run, s: Setup, recipe: Recipe, objective, params, opt, sched, info, start, steps, metrics,
-          held_feats, progress, t0: float, sharded: bool = False) -> tuple[Path, dict]:
-    """Steps `start`..`steps`; `t0` = when the command started (the time budget counts from it).
-    Returns the final checkpoint and {"step", "by"}: what stopped the run (max_steps or time_budget)."""
-    t_cfg = recipe.train
-    final, stop = None, {"step": steps, "by": "max_steps"}
-    bar = tqdm(total=steps, initial=start, desc=f"train {recipe.drafter}", unit="step",
-               disable=not (progress and info.is_main), dynamic_ncols=True)
-    for step in range(start, steps):
-        tic = time.time()
-        s.model.train()
-        opt.zero_grad(set_to_none=True)
-        m = train_step(step, s, recipe, objective, params, info)
-        gnorm = grad_norm_and_clip(params, recipe.optim.grad_clip)
-        m.update(lr=sched.get_last_lr()[0], grad_norm=float(gnorm), epoch=step * t_cfg.global_batch / len(s.data.train),
-                 tokens_per_s=m["tokens"] / max(time.time() - tic, 1e-9))
-        opt.step()
-        sched.step()
-        done = step + 1
-        over = t_cfg.time_budget_min is not None and time.time() - t0 > 60 * t_cfg.time_budget_min
-        last = done == steps or over
-        if info.is_main and (done % t_cfg.log_every == 0 or last):
-            metrics.log(done, {f"train/{k}": v for k, v in m.items()})
-        if (info.is_main or sharded) and (done % t_cfg.eval_every == 0 or last):
-            s.model.eval()
-            ev = evaluate(s, recipe, objective, info, held_feats)
-            if ev:  # an empty held-out split has nothing to log (warned at the start)
-                metrics.log(done, ev)  # rank 0 only
-            bar.set_postfix(loss=f"{m['loss']:.3f}", tau_sim=f"{ev.get('eval/tau_sim', 0):.2f}")
-        if done % t_cfg.checkpoint_every == 0 or last:
-            final = _save(run, done, s, opt, sched, info, t_cfg.keep_checkpoints, sharded)
-        bar.update(1)
-        if over and done < steps:
-            log.warning("time budget of %g min reached at step %d of %d: stopped early (rerun the same "
-                        "command to continue)", t_cfg.time_budget_min, done, steps)
-            stop = {"step": done, "by": "time_budget"}
-            break
-    bar.close()
-    return final or ckpt.latest_checkpoint(run), stop
+def _no_lap(phase: str) -> None:
+    pass
 
 
-def _save(run, step, s: Setup, opt, sched, info, keep, sharded: bool = False) -> Path | None:
-    """Rank 0 writes the checkpoint; with FSDP2 every rank first takes part in the gathers."""
-    model, optim_state = s.model, None
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+class Trainer:
+    """The state of one run: setup (target, data, draft, features), the objective (a module that
+    owns the draft) and its data-parallel wrapper, optimizer, schedule, step.
 
-        from draftsmith.models.io import build_draft
+    `train_step(step)` is one optimizer step and returns its metrics as device sums; `reduce`
+    turns them into logged numbers (a collective: call it on every rank, on log steps only).
+    `fit` is the loop: batches made one step ahead on a background thread, evaluation and
+    checkpoints. `lap(phase)`, when given, is called after each phase of a step (gpu_check)."""
 
-        full = full_model_state(s.model)
-        optim_state = get_optimizer_state_dict(
-            s.model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if info.is_main:
-            model = build_draft(s.model.config)
-            model.load_state_dict(full)
-    if not info.is_main:
+    def __init__(self, recipe: Recipe, s: Setup, info: DistInfo, objective, steps: int, prefetch: bool = True):
+        self.recipe, self.s, self.info, self.objective = recipe, s, info, objective
+        self.sharded = info.world > 1 and recipe.train.parallel == "fsdp2"
+        if self.sharded:
+            shard_objective(objective, info)
+        self.ddp = wrap_ddp(objective) if info.world > 1 and not self.sharded else None
+        self.params = [p for p in s.model.parameters() if p.requires_grad]
+        self.steps, self.prefetch, self.step = steps, prefetch, 0
+        self.opt, self.sched = make_optimizer(s.model, recipe, steps)
+        self.metrics: MetricsLog | None = None
+
+    # -- one step
+
+    def batches(self, step: int, lap: Callable[[str], None] = _no_lap) -> list[TrainBatch]:
+        """This rank's micro-batches of optimizer step `step` (features, then collate)."""
+        t, s = self.recipe.train, self.s
+        plan = step_samples(step, len(s.data.train), t.global_batch, t.seed)
+        mine = plan[self.info.rank::self.info.world]
+        out = []
+        for i in range(0, len(mine), t.micro_batch):
+            chunk = mine[i: i + t.micro_batch]
+            feats = s.features([s.data.train[j] for j, _ in chunk])
+            lap("features")
+            out.append(collate(feats, [e for _, e in chunk], self.recipe, self.objective.anchored,
+                               self.info.device, _num_anchors(s.model)))
+            lap("collate")
+        return out
+
+    def train_step(self, step: int, batches: list[TrainBatch] | None = None,
+                   lap: Callable[[str], None] = _no_lap) -> StepSums:
+        """Forward/backward over this rank's micro-batches, clip, AdamW, LR schedule. p_t is
+        computed when a loss term needs it (DSpark L1, Eagle3 soft CE) and otherwise (DFlash)
+        only every `train.target_metrics_every` steps, for the tau_sim and c* metrics."""
+        t = self.recipe.train
+        self.objective.train()
+        self.opt.zero_grad(set_to_none=True)
+        if batches is None:
+            batches = self.batches(step, lap)
+        den = reduce_denominators([self.objective.denominators(b) for b in batches], all_reduce_sum)
+        acc = _empty_sums(self.objective, den, self.info.device, t.global_batch)
+        self._micro_steps(batches, acc, step % t.target_metrics_every == 0, lap)
+        acc.grad_norm = grad_norm_and_clip(self.params, self.recipe.optim.grad_clip)
+        acc.lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        lap("optimizer")
+        self.step = step + 1
+        return acc
+
+    def _micro_steps(self, batches, acc: StepSums, target_metrics: bool, lap) -> None:
+        """Gradients accumulate over micro-batches; with DDP only the last one's backward
+        all-reduces (bucket by bucket, as the gradients become ready) and the loss is scaled
+        by W, since DDP averages over the ranks."""
+        model = self.ddp if self.ddp is not None else self.objective
+        scale = self.info.world if self.ddp is not None else 1
+        for i, b in enumerate(batches):
+            local = self.ddp is not None and i < len(batches) - 1
+            with self.ddp.no_sync() if local else contextlib.nullcontext():
+                with self._autocast():  # forward only: backward runs outside autocast
+                    parts: LossParts = model(b, acc.den, target_metrics)
+                lap("draft_fwd_loss")
+                (parts.loss * scale if scale != 1 else parts.loss).backward()
+                lap("backward")
+            _add_parts(acc, parts)
+
+    def _autocast(self):
+        """bf16 autocast of the draft's forward where `train.precision` resolved to bf16."""
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.s.precision.name == "bf16")
+
+    def reduce(self, acc: StepSums) -> dict:
+        """The logged numbers of a step (a collective: every rank calls it)."""
+        m = _step_metrics(self.objective, acc)
+        m.update(lr=acc.lr, grad_norm=float(acc.grad_norm) if acc.grad_norm is not None else 0.0,
+                 epoch=(self.step - 1) * self.recipe.train.global_batch / len(self.s.data.train))
+        return m
+
+    def evaluate(self, held_feats) -> dict:
+        self.objective.eval()
+        ev = evaluate(self.s, self.recipe, self.objective, self.info, held_feats)
+        if self.sharded:
+            self.objective.reshard()  # the root stays gathered after a no-grad forward
+        return ev
+
+    # -- the loop
+
+    def fit(self, run: Path, start: int, held_feats, progress: bool, t0: float) -> tuple[Path, dict]:
+        """Steps `start`..`steps`; `t0` = when the command started (the time budget counts from it).
+        Returns the final checkpoint and {"step", "by"}: what stopped the run (max_steps or time_budget)."""
+        t_cfg, main = self.recipe.train, self.info.is_main
+        final, stop, shown = None, {"step": self.steps, "by": "max_steps"}, {}
+        bar = tqdm(total=self.steps, initial=start, desc=f"train {self.recipe.drafter}", unit="step",
+                   disable=not (progress and main), dynamic_ncols=True)
+        feed = Prefetcher(self.batches, range(start, self.steps)) if self.prefetch else None
+        try:
+            for step in range(start, self.steps):
+                tic = time.time()
+                acc = self.train_step(step, feed.get(step) if feed is not None else None)
+                done, over = step + 1, self._over_budget(t0)
+                last = done == self.steps or over
+                if done % t_cfg.log_every == 0 or last:
+                    m = self.reduce(acc)
+                    m["tokens_per_s"] = m["tokens"] / max(time.time() - tic, 1e-9)
+                    shown["loss"] = f"{m['loss']:.3f}"
+                    if main:
+                        self.metrics.log(done, {f"train/{k}": v for k, v in m.items()})
+                if (main or self.sharded) and (done % t_cfg.eval_every == 0 or last):
+                    ev = self.evaluate(held_feats)
+                    if ev:  # an empty held-out split has nothing to log (warned at the start)
+                        self.metrics.log(done, ev)  # rank 0 only
+                    bar.set_postfix(**shown, tau_sim=f"{ev.get('eval/tau_sim', 0):.2f}")
+                if done % t_cfg.checkpoint_every == 0 or last:
+                    final = self.save(run, done)
+                bar.update(1)
+                if over and done < self.steps:
+                    log.warning("time budget of %g min reached at step %d of %d: stopped early (rerun the same "
+                                "command to continue)", t_cfg.time_budget_min, done, self.steps)
+                    stop = {"step": done, "by": "time_budget"}
+                    break
+        finally:
+            if feed is not None:
+                feed.close()
+            bar.close()
+        return final or ckpt.latest_checkpoint(run), stop
+
+    def _over_budget(self, t0: float) -> bool:
+        """Whether the time budget is spent — on any rank, so that every rank stops at one step."""
+        budget = self.recipe.train.time_budget_min
+        if budget is None:
+            return False
+        over = time.time() - t0 > 60 * budget
+        return any_rank(over, self.info.device) if self.info.world > 1 else over
+
+    # -- checkpoints
+
+    def resume(self, run: Path, resume: bool) -> int:
+        """Load RUN's latest checkpoint (if `resume`); returns the step to start from."""
+        last = ckpt.latest_checkpoint(run) if resume else None
+        if last is None:
+            return 0
+        from draftsmith.models.io import load_draft
+
+        full = load_draft(last).state_dict()
+        state = ckpt.load_state(last)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.s.model, full, options=opts)
+            set_optimizer_state_dict(self.s.model, self.opt, state["optimizer"], options=opts)
+        else:
+            self.s.model.load_state_dict(full)
+            self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        log.info("resuming from %s (step %d)", last, state["step"])
+        self.step = int(state["step"])
+        return self.step
+
+    def save(self, run: Path, step: int) -> Path | None:
+        """Rank 0 writes the plain draft's checkpoint; with FSDP2 every rank first takes part
+        in the gathers."""
+        model, optim_state, info = self.s.model, None, self.info
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            from draftsmith.models.io import build_draft
+
+            full = full_model_state(self.s.model)
+            optim_state = get_optimizer_state_dict(
+                self.s.model, self.opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if info.is_main:
+                model = build_draft(self.s.model.config)
+                model.load_state_dict(full)
+        if not info.is_main:
+            barrier()
+            return None
+        state = {"step": step, "optimizer": optim_state if self.sharded else self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(), "rng": ckpt.rng_state(), "world_size": info.world}
+        path = ckpt.save_checkpoint(run, step, model, state, self.recipe.train.keep_checkpoints)
         barrier()
-        return None
-    state = {"step": step, "optimizer": optim_state if sharded else opt.state_dict(),
-             "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "world_size": info.world}
-    path = ckpt.save_checkpoint(run, step, model, state, keep)
-    barrier()
-    return path
+        return path
 
+
+def build_trainer(recipe: Recipe, s: Setup, info: DistInfo, build_objective: ObjectiveFactory,
+                  steps: int | None = None, prefetch: bool = True) -> Trainer:
+    """The one way a training step is built (the loop, bench/train_bench.py, bench/gpu_check.py):
+    the drafter's objective around `s.model`, sharded or DDP-wrapped under torchrun, AdamW and its
+    schedule over `steps` (default: the recipe's)."""
+    objective = build_objective(s.model, s.target.logits, ObjectiveConfig(chunk_size=recipe.train.loss_chunk,
+                                                                           recompute=recipe.train.recompute))
+    return Trainer(recipe, s, info, objective, total_steps(recipe, len(s.data.train)) if steps is None else steps,
+                   prefetch)
 
 def run(args, objective_for: Callable[[str], ObjectiveFactory]) -> int:
     """`draftsmith train`; `objective_for(drafter name)` is the drafter registry's lookup (the

@@ -27,9 +27,12 @@ Normalization across micro-batches and ranks. The denominators depend on the dat
 every micro-batch of a step first (`objective.denominators(batch)`), sums them and all-reduces
 (SUM) them across ranks (`reduce_denominators`), then calls `objective(batch, denominators)`
 per micro-batch. Each micro-batch's loss is then Σ_local w·ℓ / D_global, and the sum over
-micro-batches and ranks is exactly the global-batch loss. DDP and FSDP2 *average* gradients over
-W ranks: multiply the loss by W before backward to get the global loss's gradient. The objective
-calls `model(...)` (so a DDP wrapper sees its forward) and reaches the heads through `.module`.
+micro-batches and ranks is exactly the global-batch loss. DDP *averages* gradients over W ranks:
+the train loop multiplies the loss by W before backward to get the global loss's gradient (FSDP2
+is set to reduce sums, so it needs no factor). The objective is an `nn.Module` that owns the
+draft (`objective.draft`, a submodule) and computes everything that has a gradient — the draft's
+body and its heads — inside `forward`, so `DistributedDataParallel(objective)` or
+`fully_shard(objective)` sees every trainable parameter its forward uses.
 
 Memory. Full-vocabulary logits are never built for all slots at once: blocks are processed in
 chunks of `chunk_size` anchors (never split along γ, where the rnn Markov head runs), and with
@@ -286,7 +289,7 @@ class Blocks:
 # --------------------------------------------------------------------------- objectives
 
 
-class BlockObjective:
+class BlockObjective(nn.Module):
     """The shared block loss; subclasses say how blocks, hidden states and logits are made.
 
     `anchored`: whether batches carry drawn anchors (`collate` draws them with
@@ -299,12 +302,24 @@ class BlockObjective:
 
     def __init__(self, model: nn.Module, target_head: TargetHead | None,
                  config: ObjectiveConfig | None = None, loss_weights: LossWeights | None = None):
-        self.model, self.target_head = model, target_head  # model: maybe DDP-wrapped (its forward)
-        self.module = getattr(model, "module", model)  # the draft itself: heads, config, vocab maps
+        super().__init__()
+        self.draft = model  # a submodule: a wrapper of the objective sees the draft's parameters
+        self.target_head = target_head  # a function (the frozen target's head), not a submodule
         self.config = config or ObjectiveConfig()
         self.loss_weights = self.config.loss_weights or loss_weights or self.default_loss_weights
         self.vocab_size = self.module.config.vocab_size
         self.pruned = self.module.config.draft_vocab != self.vocab_size
+
+    @property
+    def module(self) -> nn.Module:
+        """The draft (its heads, config and vocabulary maps)."""
+        return self.draft
+
+    @property
+    def may_skip_params(self) -> bool:
+        """Whether a forward may leave a trainable head unused (a confidence head whose BCE needs
+        p_t while no loss term does: steps without target metrics skip it)."""
+        return self.has_confidence and not self.needs_target(False)
 
     # -- drafter hooks
 
@@ -364,8 +379,8 @@ class BlockObjective:
         """This micro-batch's denominators (sum them over micro-batches and ranks)."""
         return self.blocks(batch).denominators()
 
-    def __call__(self, batch: TrainBatch, denominators: dict[str, torch.Tensor] | None = None,
-                 target_metrics: bool | None = None) -> LossParts:
+    def forward(self, batch: TrainBatch, denominators: dict[str, torch.Tensor] | None = None,
+                target_metrics: bool | None = None) -> LossParts:
         """Loss and metrics of one (micro-)batch; `denominators` = the global ones
         (`reduce_denominators`), default this batch's own; `target_metrics` overrides the
         config's (p_t for the metrics when no loss term needs it)."""
@@ -378,7 +393,8 @@ class BlockObjective:
         hidden = self.block_hidden(batch, blocks)  # [M, γ, H]
         tau = TauSimMeter(self.block_size, hidden.device)
         nums = torch.zeros(len(TERMS), dtype=_compute_dtype(hidden), device=hidden.device)
-        for start in range(0, blocks.valid.shape[0], self.config.chunk_size):
+        # at least one (maybe empty) chunk: the heads take part in every forward's graph
+        for start in range(0, max(blocks.valid.shape[0], 1), self.config.chunk_size):
             sl = slice(start, start + self.config.chunk_size)
             nums = nums + self._chunk(batch, blocks, sl, hidden[sl], tau, with_target)
         return self._parts(nums, den, blocks, tau, hidden, with_target)
@@ -458,7 +474,7 @@ class DSparkObjective(BlockObjective):
     0.1·CE + 0.9·L1 + 1.0·BCE (DFlash's drafter spec passes CE only)."""
 
     def __init__(self, model, target_head, config=None, loss_weights=None):
-        if not getattr(model, "module", model).config.deepspec_slots:
+        if not model.config.deepspec_slots:
             raise InputError("training supports DeepSpec slots only (slot k predicts anchor + k + 1); "
                              "z-lab DFlash drafts are imported and evaluated, not trained")
         super().__init__(model, target_head, config, loss_weights)
@@ -476,7 +492,7 @@ class DSparkObjective(BlockObjective):
         return batch.anchor_pos, batch.anchor_valid
 
     def block_hidden(self, batch, blocks):
-        hidden = self.model(batch.features, batch.input_ids, batch.anchor_pos, batch.anchor_valid)
+        hidden = self.draft(batch.features, batch.input_ids, batch.anchor_pos, batch.anchor_valid)
         return hidden[blocks.rows, blocks.cols]  # [B, N, γ, H] -> [M, γ, H]
 
     def slot_logits(self, hidden, prev):
@@ -504,7 +520,7 @@ class Eagle3Objective(BlockObjective):
         return all_anchors(batch.loss_mask)
 
     def block_hidden(self, batch, blocks):
-        steps = self.model(batch.features, batch.input_ids, self.block_size)  # T × [B, S, H]
+        steps = self.draft(batch.features, batch.input_ids, self.block_size)  # T × [B, S, H]
         return torch.stack([h[blocks.rows, blocks.cols] for h in steps], dim=1)  # T × [M, H] -> [M, T, H]
 
     def slot_logits(self, hidden, prev):

@@ -51,42 +51,67 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard_layers(model: nn.Module, info: DistInfo) -> list[nn.Module]:
-    """FSDP2: shard each draft decoder layer (`model.layers`, or Eagle3's `midlayer`) over the
-    ranks with `fully_shard`, gradients reduce-scattered as SUMS (the loss is already normalized
-    over the global batch). The rest (fc, norms, heads) stays replicated and is all-reduced by
-    the loop. Returns the sharded modules."""
+def shard_objective(objective: nn.Module, info: DistInfo) -> list[nn.Module]:
+    """FSDP2: shard each draft decoder layer (`draft.layers`, or Eagle3's `midlayer`) with
+    `fully_shard`, then the objective itself (the root: the draft's other trainable parameters,
+    fc, norms and heads, which the objective's forward uses), gradients reduce-scattered as SUMS
+    (the loss is already normalized over the global batch). Returns the sharded modules."""
     from torch.distributed.fsdp import fully_shard
 
-    layers = list(getattr(model, "layers", None) or [model.midlayer])
-    for layer in layers:
-        fully_shard(layer)
-        layer.set_gradient_divide_factor(1.0)  # sums, not means
-        layer.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
-    return layers
+    draft = objective.draft
+    layers = list(getattr(draft, "layers", None) or [draft.midlayer])
+    frozen = {p for p in objective.parameters() if not p.requires_grad}  # target copies: stay replicated
+    for module in [*layers, objective]:
+        fully_shard(module, ignored_params=frozen if module is objective else None)
+        module.set_gradient_divide_factor(1.0)  # sums, not means
+        module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+    return layers + [objective]
+
+
+def wrap_ddp(objective: nn.Module, bucket_cap_mb: float | None = None) -> nn.Module:
+    """`DistributedDataParallel(objective)`: gradients all-reduced in buckets by hooks that fire
+    during backward (overlapping it), as MEANS over the ranks (the caller scales the loss by W).
+    Buffers are constants (vocabulary maps): synced once at construction, not at every forward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    kw = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
+    return DistributedDataParallel(objective, forward_sync_buffers=False,
+                                   find_unused_parameters=bool(getattr(objective, "may_skip_params", False)), **kw)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is True on any rank (one tiny all-reduce; plain value on one process)."""
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)) > 0)
 
 
 def is_sharded(t: torch.Tensor) -> bool:
     return hasattr(t, "placements")  # a DTensor
 
 
-def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> float:
-    """Total L2 norm of the gradients (replicated and FSDP2-sharded alike), then clip to max_norm."""
-    local = torch.zeros((), dtype=torch.float64)
-    shard = torch.zeros((), dtype=torch.float64)
+def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total L2 norm of the gradients (replicated and FSDP2-sharded alike), then clip to max_norm.
+    Stays on the device (no host sync): returns the norm as a float64 0-d tensor."""
+    local, shard = None, None
     for p in params:
         if p.grad is None:
             continue
+        g = p.grad.to_local() if is_sharded(p.grad) else p.grad
+        sq = g.double().pow(2).sum()
         if is_sharded(p.grad):
-            shard += p.grad.to_local().double().pow(2).sum().cpu()
+            shard = sq if shard is None else shard + sq
         else:
-            local += p.grad.double().pow(2).sum().cpu()
-    total = float((local + all_reduce_sum(shard)).sqrt())
-    scale = max_norm / (total + 1e-6)
-    if scale < 1:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+            local = sq if local is None else local + sq
+    if local is None and shard is None:
+        return torch.zeros((), dtype=torch.float64)
+    ref = local if local is not None else shard
+    total = (ref.new_zeros(()) if local is None else local) + (
+        all_reduce_sum(shard) if shard is not None else ref.new_zeros(()))
+    total = total.sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # 1.0 (exact) when under the limit
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if is_sharded(p.grad) else p.grad
+            g.mul_(scale.to(g.dtype))
     return total
 
 

@@ -22,7 +22,7 @@ from draftsmith.features.cache import FeatureCache, build_cache, record_fingerpr
 from draftsmith.features.online import FeaturePolicy, SampleFeatures, compute_features, target_identity
 from draftsmith.models.io import build_draft, load_draft
 from draftsmith.models.vocab import build_draft_vocab
-from draftsmith.target.model import TargetModel, load_target_model, load_tokenizer
+from draftsmith.targets.model import TargetModel, load_target_model, load_tokenizer
 from draftsmith.train.dataset import TrainData, prepare_data, supervised_token_counts
 from draftsmith.train.init import init_markov_from_bigrams
 from draftsmith.train.parallel import DistInfo, barrier

@@ -1,4 +1,4 @@
-"""Proposers: what each algorithm plugs into the one decode loop (`spec.engine`).
+"""Proposers: what each algorithm plugs into the one decode loop (`decoding.engine`).
 
 Hooks (every one called by the engine with the rows still active, in batch order):
 
@@ -26,35 +26,85 @@ import torch
 
 from draftsmith.models.dspark import DSparkModel
 from draftsmith.models.eagle3 import Eagle3Model
-from draftsmith.spec.kv import RaggedKVCache
-from draftsmith.spec.sampling import SamplingConfig, probabilities, sample
+from draftsmith.decoding.kv import RaggedKVCache
+from draftsmith.decoding.sampling import SamplingConfig, probabilities, sample
 
 
 @dataclass
 class DecodeState:
-    """The committed tokens of the active rows, owned by the engine, read by proposers."""
+    """The committed tokens of the active rows, owned by the engine, read by proposers.
 
-    seqs: list[list[int]]  # prompt + generated ids per active row
+    Tokens stay on the device: `tokens` [B, capacity] holds row r's prompt + generated ids in
+    tokens[r, :lengths[r]] (the rest is stale), grown geometrically. The host keeps only what
+    the engine's one sync per round brings back anyway: the exact `host_lengths`, and per row
+    its prompt length and original prompt index."""
+
+    tokens: torch.Tensor  # [B, capacity] committed ids, right-padded
+    lengths: torch.Tensor  # [B] committed tokens per row
+    prompt_lens: torch.Tensor  # [B] prompt tokens per row (device twin of prompt_lengths)
+    host_lengths: list[int]  # exact host copy of `lengths`, refreshed by the engine every round
     prompt_lengths: list[int]
     rows: list[int]  # original prompt index of each active row
     sampling: SamplingConfig
     generator: torch.Generator | None
     device: torch.device
 
+    @classmethod
+    def from_prompts(cls, prompts: list[list[int]], sampling: SamplingConfig,
+                     generator: torch.Generator | None, device, capacity: int) -> DecodeState:
+        P = max(len(p) for p in prompts)
+        cap = max(capacity, P)
+        host = torch.tensor([list(p) + [0] * (cap - len(p)) for p in prompts], dtype=torch.long)
+        n = [len(p) for p in prompts]
+        lengths = torch.tensor(n, dtype=torch.long).to(device)
+        return cls(host.to(device), lengths, lengths.clone(), list(n), list(n),
+                   list(range(len(prompts))), sampling, generator, device)
+
     @property
     def batch_size(self) -> int:
-        return len(self.seqs)
+        return len(self.rows)
+
+    @property
+    def max_length(self) -> int:
+        """The longest row (host, exact: no sync)."""
+        return max(self.host_lengths, default=0)
+
+    @property
+    def seqs(self) -> list[list[int]]:
+        """Host copy of every row's prompt + generated ids (one device -> host sync): for
+        host-side proposers (n-gram lookup, oracle) and tests, not for the decode loop."""
+        return [t[:n] for t, n in zip(self.tokens.tolist(), self.host_lengths)]
 
     def last_tokens(self) -> torch.Tensor:
         """[B] the last committed token of each row (the next anchor)."""
-        return torch.tensor([s[-1] for s in self.seqs], dtype=torch.long, device=self.device)
+        return self.tokens.gather(1, (self.lengths - 1)[:, None]).squeeze(1)  # [B, 1] -> [B]
 
-    def lengths(self) -> torch.Tensor:
-        """[B] committed tokens per row."""
-        return torch.tensor([len(s) for s in self.seqs], dtype=torch.long, device=self.device)
+    def window(self, starts: torch.Tensor, width: int) -> torch.Tensor:
+        """[B, width] the tokens at starts[r], starts[r] + 1, ... (clamped to the buffer)."""
+        index = starts[:, None] + torch.arange(width, device=starts.device)  # [B, width]
+        return self.tokens.gather(1, index.clamp(min=0, max=self.tokens.shape[1] - 1))
 
-    def select(self, keep: list[int]) -> None:
-        self.seqs = [self.seqs[i] for i in keep]
+    def _reserve(self, needed: int) -> None:
+        cap = self.tokens.shape[1]
+        if needed > cap:
+            grown = self.tokens.new_zeros(self.tokens.shape[0], max(2 * cap, needed))  # [B, cap']
+            grown[:, :cap] = self.tokens
+            self.tokens = grown
+
+    def append(self, new: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append new[r, :counts[r]] to row r (new [B, n], counts [B]); tensor ops only. All n
+        are written: those past the new length are stale. The engine refreshes `host_lengths`
+        after its sync."""
+        self._reserve(self.max_length + new.shape[1])
+        index = self.lengths[:, None] + torch.arange(new.shape[1], device=new.device)  # [B, n]
+        self.tokens.scatter_(1, index, new)
+        self.lengths = self.lengths + counts
+
+    def select(self, keep: list[int], index: torch.Tensor) -> None:
+        """Keep rows `keep` (host) = `index` (the same on the device)."""
+        self.tokens, self.lengths, self.prompt_lens = (
+            self.tokens[index], self.lengths[index], self.prompt_lens[index])
+        self.host_lengths = [self.host_lengths[i] for i in keep]
         self.prompt_lengths = [self.prompt_lengths[i] for i in keep]
         self.rows = [self.rows[i] for i in keep]
 
@@ -133,7 +183,8 @@ class PlainProposer(Proposer):
     name = "plain"
 
     def propose(self, state: DecodeState) -> Proposal:
-        return pad_proposals([[] for _ in state.seqs], state.device, width=0)
+        empty = torch.zeros(state.batch_size, 0, dtype=torch.long, device=state.device)  # [B, 0]
+        return Proposal(empty, torch.zeros(state.batch_size, dtype=torch.long, device=state.device))
 
 
 class OracleProposer(Proposer):
@@ -225,20 +276,19 @@ class DSparkProposer(Proposer):
 
     def prefill(self, state, features, counts):
         self.cache = RaggedKVCache(len(self.model.layers), state.batch_size, device=features.device)
-        self._append(features, counts)
+        self._append(state, features, counts)
 
-    def _append(self, features: torch.Tensor, counts: torch.Tensor) -> None:
-        """Project features [B, N, L·H] of positions row_length.. (counts[r] real) per row."""
-        starts = self.cache.row_lengths
-        for start in torch.unique(starts).tolist():
-            rows = (starts == start).nonzero().squeeze(1)
-            self.model.append_context(self.cache.writer(rows, start), features[rows])
-        self.cache.set_lengths(starts + counts)
+    def _append(self, state: DecodeState, features: torch.Tensor, counts: torch.Tensor) -> None:
+        """Project features [B, N, L·H] of positions row_length.. (counts[r] real) per row, all
+        rows in one batched write; entries past counts[r] land past the row's length (stale)."""
+        bound = state.max_length - 1  # every row's committed length - 1, before and after
+        self.model.append_context(self.cache.rows_writer(bound), features)
+        self.cache.set_lengths(self.cache.row_lengths + counts, bound)
 
     @torch.no_grad()
     def propose(self, state):
         anchor_pos = self.cache.row_lengths  # [B] = committed length - 1
-        if not torch.equal(anchor_pos, state.lengths() - 1):
+        if anchor_pos.device.type == "cpu" and not torch.equal(anchor_pos, state.lengths - 1):
             raise RuntimeError("DSpark context cache out of sync with the committed tokens")
         sampler = draft_sampler(self.model, state)
         block = self.model.propose(self.cache, state.last_tokens(), anchor_pos, sampler)
@@ -250,18 +300,18 @@ class DSparkProposer(Proposer):
         return Proposal(tokens, lengths, probs, conf)
 
     def commit(self, state, accepted, features, counts):
-        self._append(features, counts)
+        self._append(state, features, counts)
 
     def select(self, rows):
         self.cache.select(rows)
 
 
 class Eagle3Proposer(Proposer):
-    """EAGLE-3 chain drafting. Its KV cache has one length per batch and the chain attends to
-    every entry, so each row keeps its own batch-1 cache and rows are drafted one after the
-    other (only the target verify is batched). Cache entry t pairs the features of position t
-    with token t + 1; the pairs committed since the last round are handed to `propose`, which
-    appends them and rolls its chain back to them."""
+    """EAGLE-3 chain drafting, batched over rows. The draft KV is one `RaggedKVCache` with a
+    length per row; entry t of row r pairs the features of position t with token t + 1. The
+    pairs committed since the last round (features of the verify forward, counts[r] real per
+    row, their next tokens read from the device state) wait in `pending` until `propose`
+    appends them and drafts the chain of every row with one batched forward per slot."""
 
     name = "eagle3"
     drives = Eagle3Model
@@ -274,39 +324,36 @@ class Eagle3Proposer(Proposer):
         self.model = model.eval()
         self.num_tokens = num_tokens
         self.target_layer_ids = list(model.config.target_layer_ids)
-        self.caches: list = []
-        self.pending: list[tuple[torch.Tensor, list[int]]] = []  # per row (features [n, 3H], next tokens)
+        self.cache: RaggedKVCache | None = None
+        # (features [B, N, 3H], next tokens [B, N], counts [B]) committed since the last round
+        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def prefill(self, state, features, counts):
-        self.caches = [self.model.new_cache() for _ in state.seqs]
-        self.pending = [(features[r, :n], seq[1:n + 1])
-                        for r, (seq, n) in enumerate(zip(state.seqs, counts.tolist()))]
+        self.cache = RaggedKVCache(1, state.batch_size, device=features.device)
+        starts = torch.ones_like(counts)  # features of position t pair with token t + 1
+        self.pending = (features, state.window(starts, features.shape[1]), counts)
 
     @torch.no_grad()
     def propose(self, state):
-        tokens, probs = [], []
-        for r, (cache, (feats, nxt)) in enumerate(zip(self.caches, self.pending)):
-            sampler = draft_sampler(self.model, state)
-            ids = torch.tensor([nxt], dtype=torch.long, device=feats.device)  # [1, n]
-            chain = self.model.propose(cache, feats[None], ids, self.num_tokens, sampler)
-            if cache.length != len(state.seqs[r]) - 1:
-                raise RuntimeError("EAGLE-3 cache out of sync with the committed tokens")
-            tokens.append(chain.tokens)
-            if sampler is not None:
-                probs.append(sampler.stacked())
-        self.pending = []
-        tokens = torch.cat(tokens, dim=0)  # B × [1, K] -> [B, K]
+        feats, nxt, counts = self.pending
+        sampler = draft_sampler(self.model, state)
+        bound = state.max_length - 1  # the cache holds committed - 1 entries per row
+        chain = self.model.propose_rows(self.cache, feats, nxt, counts, self.num_tokens, bound, sampler)
+        if state.device.type == "cpu" and not torch.equal(self.cache.row_lengths, state.lengths - 1):
+            raise RuntimeError("EAGLE-3 cache out of sync with the committed tokens")
+        self.pending = None
+        tokens = chain.tokens  # [B, K]
         lengths = torch.full((tokens.shape[0],), self.num_tokens, dtype=torch.long, device=tokens.device)
-        return Proposal(tokens, lengths, torch.cat(probs, dim=0) if probs else None)
+        return Proposal(tokens, lengths, sampler.stacked() if sampler is not None else None)
 
     def commit(self, state, accepted, features, counts):
-        self.pending = [(features[r, :n], seq[len(seq) - n:])
-                        for r, (seq, n) in enumerate(zip(state.seqs, counts.tolist()))]
+        starts = state.lengths - counts  # the first newly committed token of each row
+        self.pending = (features, state.window(starts, features.shape[1]), counts)
 
     def select(self, rows):
-        keep = rows.tolist()
-        self.caches = [self.caches[i] for i in keep]
-        self.pending = [self.pending[i] for i in keep] if self.pending else []
+        self.cache.select(rows)
+        if self.pending is not None:
+            self.pending = tuple(x[rows] for x in self.pending)
 
 
 def proposer_for(draft: torch.nn.Module, num_tokens: int = 7) -> Proposer:

@@ -2,7 +2,7 @@
 transforms and acceptance rules (`sampling`), KV caches for ragged batches (`kv`), the proposers
 each algorithm plugs in (`proposers`) and truncation rules (`truncate`)."""
 
-from draftsmith.spec.engine import (
+from draftsmith.decoding.engine import (
     DecodeRun,
     Generation,
     RoundRecord,
@@ -10,7 +10,7 @@ from draftsmith.spec.engine import (
     oracle_for,
     summarize,
 )
-from draftsmith.spec.proposers import (
+from draftsmith.decoding.proposers import (
     DecodeState,
     DSparkProposer,
     Eagle3Proposer,
@@ -21,8 +21,8 @@ from draftsmith.spec.proposers import (
     Proposer,
     proposer_for,
 )
-from draftsmith.spec.sampling import SamplingConfig
-from draftsmith.spec.truncate import FixedLength, KeepAll, PMinRule, PrefixScheduler, SurvivalRule
+from draftsmith.decoding.sampling import SamplingConfig
+from draftsmith.decoding.truncate import FixedLength, KeepAll, PMinRule, PrefixScheduler, SurvivalRule
 
 __all__ = [
     "DecodeRun", "DecodeState", "DSparkProposer", "Eagle3Proposer", "FixedLength", "Generation",

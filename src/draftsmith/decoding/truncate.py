@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from draftsmith.spec.proposers import Proposal
+from draftsmith.decoding.proposers import Proposal
 
 
 def leading_true(mask: torch.Tensor) -> torch.Tensor:

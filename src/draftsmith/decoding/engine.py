@@ -16,7 +16,14 @@ round). Each round then:
    gets the features of the newly committed positions from the same verify forward.
 
 Rows accept different numbers of tokens: the target cache stays right-aligned (left padding, see
-`spec.kv`), every row has its own logical positions, and finished rows are dropped.
+`decoding.kv`), every row has its own logical positions, and finished rows are dropped.
+
+The committed tokens stay on the device (`DecodeState.tokens` [B, capacity] + `lengths`), and the
+commit (EOS and length cuts included) is tensor ops. A round reads the device once: one small int
+matrix (per row: committed, drafted, proposed, accepted counts, cut and finish codes, plus the
+confidences when the draft has them) from which the records, the finished rows and every host
+shape (cache trims, draft bounds) follow. A truncation rule other than `KeepAll` adds one read (the
+verified width); with a CUDA device `_now` synchronizes for the per-phase timings.
 
 Per round a `RoundRecord` keeps, per active row, the drafted, proposed (after truncation),
 accepted and committed counts and the cut reason, with the draft and verify wall times, so that
@@ -26,22 +33,25 @@ accepted and committed counts and the cut reason, with the draft and verify wall
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
-from draftsmith.spec.kv import TargetKV
-from draftsmith.spec.proposers import DecodeState, OracleProposer, PlainProposer, Proposal, Proposer
-from draftsmith.spec.sampling import (
+from draftsmith.decoding.kv import TargetKV
+from draftsmith.decoding.proposers import DecodeState, OracleProposer, PlainProposer, Proposal, Proposer
+from draftsmith.decoding.sampling import (
     SamplingConfig,
     probabilities,
     sample,
     verify_greedy,
     verify_sampled,
 )
-from draftsmith.spec.truncate import KeepAll
+from draftsmith.decoding.truncate import KeepAll
+
+log = logging.getLogger(__name__)
 
 TruncationRule = Callable[[Proposal], torch.Tensor]  # proposal -> lengths [B]
 
@@ -117,16 +127,19 @@ class Generation:
 
 
 class SpecEngine:
-    """Lossless speculative decoding of a `target.model.TargetModel` with a `Proposer`.
+    """Lossless speculative decoding of a `targets.model.TargetModel` with a `Proposer`.
 
     target: a TargetModel tapping exactly the proposer's `target_layer_ids` (none for
     proposers without features). sampling: temperature 0 = greedy. truncate: a rule
-    proposal -> lengths [B] (`spec.truncate`). eos_token_ids: ids that end a row.
+    proposal -> lengths [B] (`decoding.truncate`). eos_token_ids: ids that end a row. compile:
+    run the target's forward through `torch.compile` (dynamic shapes) on CUDA; elsewhere a
+    no-op, said in one log line. The same kernels' math, so outputs are unchanged up to the
+    compiler's float reassociation (greedy ties aside).
     """
 
     def __init__(self, target, proposer: Proposer, sampling: SamplingConfig | None = None,
                  truncate: TruncationRule | None = None, eos_token_ids: Iterable[int] = (),
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, compile: bool = False):
         if proposer.uses_features and list(target.layer_ids) != list(proposer.target_layer_ids):
             raise ValueError(f"the target taps layers {list(target.layer_ids)} but the "
                              f"{proposer.name} draft reads {proposer.target_layer_ids}: build the "
@@ -136,6 +149,16 @@ class SpecEngine:
         self.truncate = truncate or KeepAll()
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.pad_token_id = pad_token_id
+        self.forward = self._compiled_target() if compile else target
+
+    def _compiled_target(self):
+        if self.device.type != "cuda":
+            log.info("--compile: torch.compile of the target runs on CUDA only; %s runs it eagerly",
+                     self.device)
+            return self.target
+        log.info("--compile: the target's forward goes through torch.compile (dynamic shapes); "
+                 "the first rounds of each shape compile")
+        return torch.compile(self.target, dynamic=True)
 
     @property
     def device(self) -> torch.device:
@@ -158,8 +181,15 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+CUTS = ("", "eos", "length")  # cut / finish codes of the device commit: 0, 1, 2
+
+
 class DecodeRun:
-    """The state of one `generate` call: committed tokens, target KV, records."""
+    """The state of one `generate` call: committed tokens (on the device), target KV, records.
+
+    Every round brings one small int tensor back to the host (per row: drafted, proposed,
+    accepted, committed counts, cut and finish codes): the records, the finished rows and the
+    cache shapes all come from it."""
 
     def __init__(self, engine: SpecEngine, prompts: list[list[int]], max_new_tokens: int, seed: int):
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -169,9 +199,10 @@ class DecodeRun:
         self.engine, self.max_new_tokens = engine, max_new_tokens
         dev = engine.device
         gen = torch.Generator(device=dev).manual_seed(seed)
-        self.state = DecodeState([list(p) for p in prompts], [len(p) for p in prompts],
-                                 list(range(len(prompts))), engine.sampling, gen, dev)
-        self.outputs: list[list[int]] = [[] for _ in prompts]
+        capacity = max(len(p) for p in prompts) + min(max_new_tokens, 64) + 1
+        self.state = DecodeState.from_prompts(prompts, engine.sampling, gen, dev, capacity)
+        self.eos = torch.tensor(sorted(engine.eos_token_ids), dtype=torch.long, device=dev)
+        self.outputs: list[torch.Tensor | list[int]] = [[] for _ in prompts]
         self.finish = [""] * len(prompts)
         self.rounds: list[RoundRecord] = []
         t0 = _now(dev)
@@ -192,11 +223,11 @@ class DecodeRun:
     def _prefill(self, prompts: list[list[int]]) -> None:
         eng, dev = self.engine, self.state.device
         ids, mask, pos, self.kv = TargetKV.left_pad(prompts, eng.pad_token_id, dev)
-        out = eng.target(ids, attention_mask=mask, position_ids=pos, cache=self.kv.cache, use_cache=True)
-        first = self._draw(eng.target.logits(out.hidden[:, -1])).tolist()  # [B, H] -> [B, V] -> [B]
-        for i, token in enumerate(first):
-            self._extend(i, [token])
-        counts = torch.tensor(self.state.prompt_lengths, device=dev)
+        out = eng.forward(ids, attention_mask=mask, position_ids=pos, cache=self.kv.cache, use_cache=True)
+        first = self._draw(eng.target.logits(out.hidden[:, -1]))  # [B, H] -> [B, V] -> [B]
+        appended, _, fin = self._commit(first[:, None], torch.ones_like(first))
+        _, finish = self._sync(appended, fin)
+        counts = self.state.prompt_lens
         feats = None
         if eng.proposer.uses_features:
             P = ids.shape[1]
@@ -204,39 +235,58 @@ class DecodeRun:
             # left-padded [B, P, L·H] -> right-padded (row r's prompt positions at 0..len-1)
             feats = out.features.gather(1, src[..., None].expand(-1, -1, out.features.shape[-1]))
         eng.proposer.prefill(self.state, feats, counts)
-        self._drop_finished()
+        self._drop_finished(finish)
 
-    def _extend(self, i: int, new: list[int]) -> tuple[int, str]:
-        """Append `new` to active row i, cut after an EOS or at max_new_tokens ->
-        (tokens appended, cut reason)."""
-        row = self.state.rows[i]
-        out = self.outputs[row]
-        room, cut = self.max_new_tokens - len(out), ""
-        for j, token in enumerate(new[:room]):
-            if token in self.engine.eos_token_ids:
-                new, cut = new[:j + 1], "eos"
-                break
-        else:
-            if len(new) > room:
-                new, cut = new[:room], "length"
-        out.extend(new)
-        self.state.seqs[i].extend(new)
-        if cut == "eos":
-            self.finish[row] = "eos"
-        elif len(out) >= self.max_new_tokens:
-            self.finish[row] = "length"
-        return len(new), cut
+    def _commit(self, new: torch.Tensor, counts: torch.Tensor):
+        """Append new[r, :counts[r]] to row r, cut after an EOS or at max_new_tokens, all in
+        tensor ops -> (tokens appended [B], cut code [B], finish code [B]) (codes: `CUTS`)."""
+        st, n = self.state, new.shape[1]
+        room = self.max_new_tokens - (st.lengths - st.prompt_lens)  # [B]
+        appended = torch.minimum(counts, room)
+        cut = (counts > room).long() * 2
+        if self.eos.numel():
+            j = torch.arange(n, device=new.device)[None, :]  # [1, n]
+            eos = (new[..., None] == self.eos).any(-1) & (j < appended[:, None])  # [B, n]
+            first_eos = torch.where(eos, j, n).amin(dim=1)  # [B], n = none
+            hit = first_eos < n
+            appended = torch.where(hit, first_eos + 1, appended)
+            cut = torch.where(hit, 1, cut)
+        st.append(new, appended)
+        full = (st.lengths - st.prompt_lens >= self.max_new_tokens).long() * 2
+        return appended, cut, torch.where(cut == 1, 1, full)
 
-    def _drop_finished(self) -> torch.Tensor | None:
+    def _sync(self, *columns: torch.Tensor, extra: torch.Tensor | None = None):
+        """The round's one device -> host transfer: per-row int columns [B] (and optional float
+        columns extra [B, E], sent along as float64, exact for these small ints) -> one host
+        list per int column (+ the extra rows); refreshes the state's host lengths."""
+        B = self.state.batch_size
+        both = torch.stack(columns, dim=1)  # [B, c]
+        if extra is not None:
+            # float32 values (what the records always held), exact in float64
+            both = torch.cat([both.double(), extra.float().double()], dim=1)  # [B, c + E]
+        rows = both.tolist() if B else []
+        c = len(columns)
+        out = [[int(r[i]) for r in rows] for i in range(c)]
+        st = self.state
+        st.host_lengths = [n + a for n, a in zip(st.host_lengths, out[0])]
+        return out if extra is None else (*out, [r[c:] for r in rows])
+
+    def _drop_finished(self, finish: list[int]) -> tuple[torch.Tensor | None, list[int]]:
         """Remove finished rows everywhere -> indices of the rows kept (None if all stay)."""
-        keep = [i for i, row in enumerate(self.state.rows) if not self.finish[row]]
-        if len(keep) == self.state.batch_size:
-            return None
-        idx = torch.tensor(keep, dtype=torch.long, device=self.state.device)
-        self.kv.select(idx)
+        st = self.state
+        keep = [i for i, f in enumerate(finish) if not f]
+        for i, f in enumerate(finish):
+            if f:
+                row, start = st.rows[i], st.prompt_lengths[i]
+                self.finish[row] = CUTS[f]
+                self.outputs[row] = st.tokens[i, start:st.host_lengths[i]].clone()  # no sync
+        if len(keep) == st.batch_size:
+            return None, keep
+        idx = torch.tensor(keep, dtype=torch.long).to(st.device)
+        self.kv.select(idx, keep)
         self.engine.proposer.select(idx)
-        self.state.select(keep)
-        return idx
+        st.select(keep, idx)
+        return idx, keep
 
     def _verify(self, logits, tokens, probs, lengths):
         if self.engine.sampling.greedy:
@@ -244,33 +294,43 @@ class DecodeRun:
         target_probs = probabilities(logits, self.engine.sampling)
         return verify_sampled(target_probs, probs, tokens, lengths, self.state.generator)
 
+    def _truncated(self, prop: Proposal):
+        """Apply the truncation rule -> (tokens [B, K], probs [B, K, V] | None, lengths [B]);
+        the default KeepAll verifies the proposal's full width without asking the device."""
+        if isinstance(self.engine.truncate, KeepAll):
+            lengths, K = prop.lengths, prop.width
+        else:
+            lengths = torch.minimum(self.engine.truncate(prop), prop.lengths)  # [B]
+            K = int(lengths.max()) if lengths.numel() else 0
+        probs = prop.probs[:, :K] if prop.probs is not None else None
+        return prop.tokens[:, :K], probs, lengths
+
     @torch.no_grad()
     def step(self) -> RoundRecord:
         """One propose -> verify -> commit round over the active rows."""
         eng, st, dev = self.engine, self.state, self.state.device
         t0 = _now(dev)
         prop = eng.proposer.propose(st)
-        lengths = torch.minimum(eng.truncate(prop), prop.lengths)  # [B]
-        K = int(lengths.max()) if lengths.numel() else 0
-        tokens = prop.tokens[:, :K]  # [B, K]
-        probs = prop.probs[:, :K] if prop.probs is not None else None  # [B, K, V]
+        tokens, probs, lengths = self._truncated(prop)  # [B, K], [B, K, V] | None, [B]
         t1 = _now(dev)
+        B, K = tokens.shape
         inputs = torch.cat([st.last_tokens()[:, None], tokens], dim=1)  # [B, 1 + K]
         mask, pos = self.kv.inputs(K + 1)
-        out = eng.target(inputs, attention_mask=mask, position_ids=pos, cache=self.kv.cache, use_cache=True)
+        out = eng.forward(inputs, attention_mask=mask, position_ids=pos, cache=self.kv.cache, use_cache=True)
         accepted, nxt = self._verify(eng.target.logits(out.hidden), tokens, probs, lengths)
-        self.kv.keep(K + 1, accepted + 1)
+        # accepted drafts, then the bonus / correction token at index accepted: [B, K+1]
+        new = torch.cat([tokens, tokens.new_zeros(B, 1)], dim=1).scatter(1, accepted[:, None], nxt[:, None])
+        appended, cut, fin = self._commit(new, accepted + 1)
+        columns = self._sync(appended, prop.lengths, lengths, accepted, cut, fin, extra=prop.confidence)
+        committed, drafted, proposed, acc, cuts, finish = columns[:6]
+        self.kv.keep(K + 1, accepted + 1, [a + 1 for a in acc])
         conf = None
         if prop.confidence is not None:
-            conf = [c[:n] for c, n in zip(prop.confidence.float().tolist(), prop.lengths.tolist())]
-        record = RoundRecord(list(st.rows), prop.lengths.tolist(), lengths.tolist(),
-                             accepted.tolist(), [], [], 0.0, 0.0, conf)
-        for i, (a, t) in enumerate(zip(record.accepted, nxt.tolist())):
-            n, cut = self._extend(i, tokens[i, :a].tolist() + [t])
-            record.committed.append(n)
-            record.cut.append(cut)
+            conf = [c[:n] for c, n in zip(columns[6], drafted)]
+        record = RoundRecord(list(st.rows), drafted, proposed, acc, committed,
+                             [CUTS[c] for c in cuts], 0.0, 0.0, conf)
         counts, feats = accepted + 1, out.features
-        idx = self._drop_finished()
+        idx, _ = self._drop_finished(finish)
         if idx is not None:
             accepted, counts = accepted[idx], counts[idx]
             feats = feats[idx] if feats is not None else None
@@ -284,7 +344,8 @@ class DecodeRun:
         return record
 
     def result(self) -> Generation:
-        return Generation(self.outputs, list(self.finish), self.rounds, self.prefill_s, self.decode_s)
+        outputs = [o.tolist() if isinstance(o, torch.Tensor) else list(o) for o in self.outputs]
+        return Generation(outputs, list(self.finish), self.rounds, self.prefill_s, self.decode_s)
 
 
 def oracle_for(target, prompts: list[list[int]], max_new_tokens: int, num_tokens: int = 7,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from draftsmith.target.model import TargetModel, check_layer_ids, load_hf_model, load_target_model
-from draftsmith.target.resolve import TargetSource, resolve_target
+from draftsmith.targets.model import TargetModel, check_layer_ids, load_hf_model, load_target_model
+from draftsmith.targets.resolve import TargetSource, resolve_target
 from draftsmith.utils.io import InputError
 from tiny_targets import tiny_target
 
@@ -76,9 +76,9 @@ def test_no_progress_hides_the_loading_bars(tmp_path, capfd, monkeypatch):
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    from draftsmith.target import model as target_model
+    from draftsmith.targets import model as target_model
 
-    from draftsmith.target.export_hf import export_hf
+    from draftsmith.targets.export_hf import export_hf
     from train_fixtures import make_target_dir
 
     out = make_target_dir(tmp_path, "llama")  # with a tokenizer, for export_hf
@@ -101,7 +101,7 @@ def test_no_progress_hides_the_loading_bars(tmp_path, capfd, monkeypatch):
 
 def test_cli_no_progress_sets_the_loading_default(tmp_path, monkeypatch):
     from draftsmith import cli
-    from draftsmith.target import model as target_model
+    from draftsmith.targets import model as target_model
 
     monkeypatch.setattr(target_model, "_load_progress", True)
     missing = str(tmp_path / "missing.jsonl")
@@ -123,7 +123,7 @@ def _fake_gguf(path, middle: bytes):
 def test_materialized_dir_is_keyed_by_the_whole_file(tmp_path, monkeypatch):
     import os
 
-    from draftsmith.target.model import materialized_dir
+    from draftsmith.targets.model import materialized_dir
 
     monkeypatch.setenv("DRAFTSMITH_CACHE", str(tmp_path / "cache"))
     a = _fake_gguf(tmp_path / "a" / "m.gguf", b"\x00" * 4096)

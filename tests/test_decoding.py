@@ -16,7 +16,7 @@ from draftsmith.models.dflash import DFlashConfig, build_dflash
 from draftsmith.models.dspark import DSparkConfig, build_dspark
 from draftsmith.models.eagle3 import Eagle3Config, Eagle3Model
 from draftsmith.models.vocab import build_draft_vocab
-from draftsmith.spec import (
+from draftsmith.decoding import (
     DSparkProposer,
     Eagle3Proposer,
     NGramProposer,
@@ -33,9 +33,9 @@ from draftsmith.spec import (
     oracle_for,
     summarize,
 )
-from draftsmith.spec import sampling as sp
-from draftsmith.spec.proposers import pad_proposals
-from draftsmith.target.model import TargetModel
+from draftsmith.decoding import sampling as sp
+from draftsmith.decoding.proposers import pad_proposals
+from draftsmith.targets.model import TargetModel
 
 LAYERS = [0, 1, 2]  # tiny targets have 4 layers
 V = 10  # small vocabulary: random drafts then agree with the target now and then

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from draftsmith.target.resolve import TargetSource, resolve_target
+from draftsmith.targets.resolve import TargetSource, resolve_target
 from draftsmith.utils.io import InputError, atomic_write_json
 from draftsmith.utils.paths import cache_root
 
@@ -149,7 +149,7 @@ def load_target_model(
     (dequantizing takes ~18 s for SmolLM2; the cached dir loads in ~1 s) and loaded from there."""
     source = resolve_target(target) if isinstance(target, str) else target
     if source.kind == "gguf" and use_cache_dir:
-        from draftsmith.target.export_hf import export_hf
+        from draftsmith.targets.export_hf import export_hf
 
         cached = materialized_dir(source)
         if not (cached / "draftsmith_target.json").is_file():

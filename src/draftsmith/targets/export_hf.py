@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from draftsmith import __version__
-from draftsmith.target.resolve import TargetSource, resolve_target
+from draftsmith.targets.resolve import TargetSource, resolve_target
 from draftsmith.utils.io import atomic_dir, atomic_write_json
 
 MARKER = "draftsmith_target.json"  # written last: a dir holding it is a complete export-hf output
@@ -40,7 +40,7 @@ def export_hf(target: str | TargetSource, out: str | Path, progress: bool | None
     """Write DIR atomically (`atomic_dir`: staged in a hidden sibling, renamed when complete; an
     existing DIR is replaced only when it is an earlier export-hf output or empty). `progress`:
     transformers' load and save bars, as in `load_hf_model`."""
-    from draftsmith.target.model import load_hf_model, load_tokenizer, loading_progress
+    from draftsmith.targets.model import load_hf_model, load_tokenizer, loading_progress
 
     source = resolve_target(target) if isinstance(target, str) else target
     out = Path(out)

@@ -12,8 +12,11 @@ row are dropped, so T stays max(row length).
 `RaggedKVCache`: the draft's per-layer context K/V with one committed length per row. Entry t of
 row r is that row's position t (no padding); entries at or past a row's length are stale and must
 be masked by the reader (DSpark masks context positions >= the anchor, and the anchor of row r is
-its length). It offers the `length` / `get(layer)` interface `DSparkModel.propose` reads, and
-`write(...)` lets `DSparkModel.append_context` project new rows at per-row start positions.
+its length). It offers the `length` / `get(layer)` interface `DSparkModel.propose` reads;
+`rows_writer(bound)` lets `DSparkModel.append_context` write every row at its own length in one
+batched scatter, and `scatter` / `prefix` serve `Eagle3Model.propose_rows`. Its owner keeps a
+host `bound` on the row lengths (from the engine's per-round sync), so shapes never need a
+device -> host read.
 """
 
 from __future__ import annotations
@@ -22,34 +25,36 @@ import torch
 
 
 class TargetKV:
-    """Left-padded target KV cache (see the module docstring)."""
+    """Left-padded target KV cache (see the module docstring). `pad` lives on the device (masks
+    and positions are built from it); `pad_host` is its exact host copy, kept in step so that
+    shapes (trim, physical length) never need a device -> host sync."""
 
-    def __init__(self, cache, pad: torch.Tensor):
+    def __init__(self, cache, pad: torch.Tensor, pad_host: list[int] | None = None):
         self.cache = cache  # transformers DynamicCache
         self.pad = pad  # [B] leading padding entries per row
+        self.pad_host = list(pad.tolist()) if pad_host is None else list(pad_host)
 
     @classmethod
-    def empty(cls, pad: torch.Tensor) -> TargetKV:
+    def empty(cls, pad: list[int], device=None) -> TargetKV:
         from transformers import DynamicCache
 
         # no config: every layer is a plain DynamicLayer that keeps all entries, so rows can be
         # cropped and re-aligned (a sliding-window layer drops old entries); the model still
         # applies its sliding-window masks on the physical positions.
-        return cls(DynamicCache(), pad)
+        return cls(DynamicCache(), torch.tensor(pad, dtype=torch.long, device=device), pad)
 
     @classmethod
     def left_pad(cls, prompts: list[list[int]], pad_id: int, device=None):
         """Prompts -> (input ids [B, P], attention mask [B, P], position ids [B, P], an empty
         TargetKV for them): row r is left-padded with P - len(prompt r) `pad_id`s."""
         P = max(len(p) for p in prompts)
-        pad = torch.tensor([P - len(p) for p in prompts], dtype=torch.long, device=device)
-        ids = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
-        for r, p in enumerate(prompts):
-            ids[r, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        pad = [P - len(p) for p in prompts]
+        ids = torch.tensor([[pad_id] * n + list(p) for n, p in zip(pad, prompts)], dtype=torch.long)
+        kv = cls.empty(pad, device)
         col = torch.arange(P, device=device)[None, :]  # [1, P]
-        mask = (col >= pad[:, None]).long()  # [B, P]
-        positions = (col - pad[:, None]).clamp(min=0)  # [B, P]
-        return ids, mask, positions, cls.empty(pad)
+        mask = (col >= kv.pad[:, None]).long()  # [B, P]
+        positions = (col - kv.pad[:, None]).clamp(min=0)  # [B, P]
+        return ids.to(device), mask, positions, kv
 
     @property
     def physical_length(self) -> int:
@@ -73,19 +78,24 @@ class TargetKV:
         positions = self.lengths()[:, None] + torch.arange(num_new, device=dev)  # [B, n]
         return mask.long(), positions
 
-    def keep(self, num_new: int, keep: torch.Tensor) -> None:
+    def keep(self, num_new: int, keep: torch.Tensor, keep_host: list[int] | None = None) -> None:
         """The last forward appended `num_new` entries per row; keep the first keep[r] of them
-        (drop the rest) and right-align the rows again."""
+        (drop the rest) and right-align the rows again. `keep_host`: keep as a host list (the
+        engine has it from its per-round sync; without it this syncs once)."""
+        keep_host = keep.tolist() if keep_host is None else keep_host
         T_old = self.physical_length - num_new
-        ends = T_old + keep  # [B] physical end of each row's real entries
-        shift = ends.max() - ends  # [B] move row r right by this much
-        pad = self.pad + shift
-        trim = int(pad.min())  # columns that are padding in every row
-        T_new = int(ends.max()) - trim
-        self.pad = pad - trim
-        if int(shift.max()) == 0:
+        end = T_old + max(keep_host)  # the longest row's physical end
+        shift_host = [end - T_old - k for k in keep_host]  # move row r right by this much
+        pad_host = [p + s for p, s in zip(self.pad_host, shift_host)]
+        trim = min(pad_host)  # columns that are padding in every row
+        T_new = end - trim
+        self.pad_host = [p - trim for p in pad_host]
+        if max(shift_host) == 0:  # every row kept the same number: no re-alignment
+            self.pad = self.pad - trim if trim else self.pad
             self._crop_left_right(trim, T_new)
             return
+        shift = end - T_old - keep  # [B], the device twin of shift_host
+        self.pad = self.pad + shift - trim
         src = torch.arange(T_new, device=keep.device)[None, :] + trim - shift[:, None]  # [B, T_new]
         src = src.clamp(min=0)  # padding slots read some valid index; masked anyway
         for layer in self._layers():
@@ -101,14 +111,15 @@ class TargetKV:
             layer.keys = layer.keys[:, :, start:start + length]
             layer.values = layer.values[:, :, start:start + length]
 
-    def select(self, rows: torch.Tensor) -> None:
+    def select(self, rows: torch.Tensor, rows_host: list[int] | None = None) -> None:
         """Keep only these rows (finished rows leave the batch); drop all-padding columns."""
+        rows_host = rows.tolist() if rows_host is None else rows_host
         for layer in self._layers():
             layer.keys = layer.keys[rows]
             layer.values = layer.values[rows]
-        self.pad = self.pad[rows]
-        trim = int(self.pad.min()) if self.pad.numel() else 0
-        self.pad = self.pad - trim
+        pad_host = [self.pad_host[i] for i in rows_host]
+        trim = min(pad_host, default=0)
+        self.pad, self.pad_host = self.pad[rows] - trim, [p - trim for p in pad_host]
         self._crop_left_right(trim, self.physical_length - trim)
 
 
@@ -119,10 +130,14 @@ class RaggedKVCache:
         self._k: list[torch.Tensor | None] = [None] * num_layers
         self._v: list[torch.Tensor | None] = [None] * num_layers
         self.row_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.bound: int | None = 0  # host: >= every row length (None: unknown, ask the device)
 
     @property
     def length(self) -> int:
-        """Physical length: the longest row (stale entries of shorter rows are masked by readers)."""
+        """Physical length: at least the longest row (stale entries of shorter rows are masked
+        by readers); the host `bound` when the owner keeps one, else one device sync."""
+        if self.bound is not None:
+            return self.bound
         return int(self.row_lengths.max()) if self.row_lengths.numel() else 0
 
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -145,14 +160,31 @@ class RaggedKVCache:
             new_v[:, :, :buf.shape[2]] = self._v[layer]
         self._k[layer], self._v[layer] = new_k, new_v
 
-    def writer(self, rows: torch.Tensor, start: int) -> _RowWriter:
-        """A cache view for `DSparkModel.append_context`: it reads `length` (= start, the
-        position of the first new entry) and `append(layer, k [b, g, n, d], v)` writes rows
-        `rows` at entries start..start+n-1. Lengths are set afterwards with `set_lengths`."""
-        return _RowWriter(self, rows, start)
+    def scatter(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                bound: int) -> None:
+        """Write k/v [B, g, n, d] of row r at entries positions[r] ([B, n]); `bound` (host) is
+        more than every position, so the buffers grow without a device -> host sync."""
+        self._reserve(layer, k, bound)
+        B, g, n, d = k.shape
+        index = positions[:, None, :, None].expand(B, g, n, d)  # [B, n] -> [B, g, n, d]
+        self._k[layer].scatter_(2, index, k)
+        self._v[layer].scatter_(2, index, v)
 
-    def set_lengths(self, lengths: torch.Tensor) -> None:
+    def prefix(self, layer: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries 0..bound-1 of every row ([B, g, bound, d]; readers mask each row's stale
+        entries)."""
+        return self._k[layer][:, :, :bound], self._v[layer][:, :, :bound]
+
+    def rows_writer(self, bound: int) -> _ScatterWriter:
+        """A cache view for `DSparkModel.append_context` that writes every row at its own
+        length: `length` reads row_lengths [B], `append(layer, k [B, g, n, d], v)` writes row r
+        at entries row_lengths[r].. . bound (host): >= every row length."""
+        return _ScatterWriter(self, bound)
+
+    def set_lengths(self, lengths: torch.Tensor, bound: int | None = None) -> None:
+        """New row lengths; bound (host): >= every one of them (None: unknown)."""
         self.row_lengths = lengths.to(self.row_lengths)
+        self.bound = bound
 
     def select(self, rows: torch.Tensor) -> None:
         self._k = [None if k is None else k[rows] for k in self._k]
@@ -160,12 +192,11 @@ class RaggedKVCache:
         self.row_lengths = self.row_lengths[rows]
 
 
-class _RowWriter:
-    def __init__(self, cache: RaggedKVCache, rows: torch.Tensor, start: int):
-        self.cache, self.rows, self.length = cache, rows, start
+class _ScatterWriter:
+    def __init__(self, cache: RaggedKVCache, bound: int):
+        self.cache, self.bound, self.length = cache, bound, cache.row_lengths
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        c, n = self.cache, k.shape[2]
-        c._reserve(layer, k, self.length + n)
-        c._k[layer][self.rows, :, self.length:self.length + n] = k
-        c._v[layer][self.rows, :, self.length:self.length + n] = v
+        n = k.shape[2]
+        positions = self.length[:, None] + torch.arange(n, device=k.device)  # [B, n]
+        self.cache.scatter(layer, k, v, positions, self.bound + n)
