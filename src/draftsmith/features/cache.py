@@ -58,7 +58,7 @@ from draftsmith.features.online import (
     FeaturePolicy, SampleFeatures, compute_features, supervised_hidden_mask, target_identity,
 )
 from draftsmith.targets.model import TargetModel
-from draftsmith.utils.io import InputError, atomic_write_json
+from draftsmith.utils.io import InputError, atomic_write_json, file_sha256
 
 FORMAT = "draftsmith-feature-cache"
 VERSION = 2
@@ -108,14 +108,6 @@ def file_crc32(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             crc = zlib.crc32(block, crc)
     return f"{crc:08x}"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- codec: float32 <-> stored dtype ---------------------------------------------------------

@@ -20,14 +20,14 @@ from pathlib import Path
 
 from draftsmith.data.conversations import DEFAULT_MAX_RECORD_CHARS, read_conversations, split_by_size
 from draftsmith.data.templates import RenderedSample, render_records
-from draftsmith.features.cache import build_cache, file_sha256
+from draftsmith.features.cache import build_cache
 from draftsmith.features.estimate import (
     DEFAULT_SHARD_TOKENS, DTYPES, Estimate, deepspec_bytes_per_token, estimate, human_bytes,
 )
 from draftsmith.features.online import TORCH_DTYPES, FeaturePolicy
 from draftsmith.targets.model import check_layer_ids, load_target, load_tokenizer, materialized_dir
 from draftsmith.targets.resolve import resolve_target
-from draftsmith.utils.io import InputError, check_output_dir
+from draftsmith.utils.io import InputError, check_output_dir, file_sha256
 
 MAX_SHOWN_PROBLEMS = 10
 MAX_NAMED = 5  # record ids named per category in a summary line

@@ -244,7 +244,14 @@ class Eagle3Model(DraftVocabMixin, nn.Module):
         returning, so the cache holds committed entries only."""
         out, logits = self.extend(cache, features, next_tokens)
         committed = cache.length
-        hidden, step_logits = out[:, -1:], logits[:, -1]  # [B, 1, H], [B, V_draft]
+        proposal = self._draft_chain(out[:, -1:], logits[:, -1], num_tokens, sampler,
+                                     lambda s, token, hidden: self._chain_step(cache, token, hidden, committed + s))
+        cache.rollback(committed)
+        return proposal
+
+    def _draft_chain(self, hidden, step_logits, num_tokens: int, sampler, step) -> Eagle3Proposal:
+        """Sample `num_tokens` tokens left to right from hidden [B, 1, H] / logits [B, V_draft];
+        `step(s, token, hidden) -> (hidden, logits)` runs the draft one position further."""
         tokens, all_logits = [], []
         for s in range(num_tokens):
             draft_id = sampler(step_logits) if sampler is not None else step_logits.argmax(-1)
@@ -252,8 +259,7 @@ class Eagle3Model(DraftVocabMixin, nn.Module):
             tokens.append(token)
             all_logits.append(step_logits)
             if s + 1 < num_tokens:
-                hidden, step_logits = self._chain_step(cache, token, hidden, committed + s)
-        cache.rollback(committed)
+                hidden, step_logits = step(s, token, hidden)
         return Eagle3Proposal(torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1))
 
     def _chain_step(self, cache: KVCache, token: torch.Tensor, hidden: torch.Tensor, position: int):
@@ -302,16 +308,9 @@ class Eagle3Model(DraftVocabMixin, nn.Module):
         and stay stale (the cache's lengths are the committed ones on return)."""
         hidden, step_logits = self.extend_rows(cache, features, next_tokens, counts, bound)
         committed = cache.row_lengths  # [B]
-        tokens, all_logits = [], []
-        for s in range(num_tokens):
-            draft_id = sampler(step_logits) if sampler is not None else step_logits.argmax(-1)
-            token = self.to_target_ids(draft_id)
-            tokens.append(token)
-            all_logits.append(step_logits)
-            if s + 1 < num_tokens:
-                step = self._chain_step_rows(cache, token, hidden, committed + s, bound + s + 1)
-                hidden, step_logits = step
-        return Eagle3Proposal(torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1))
+        return self._draft_chain(
+            hidden, step_logits, num_tokens, sampler,
+            lambda s, token, hidden: self._chain_step_rows(cache, token, hidden, committed + s, bound + s + 1))
 
     def _chain_step_rows(self, cache, token: torch.Tensor, hidden: torch.Tensor,
                          position: torch.Tensor, bound: int):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from draftsmith.targets.resolve import TargetSource, resolve_target
-from draftsmith.utils.io import InputError, atomic_write_json
+from draftsmith.utils.io import InputError, atomic_write_json, file_sha256
 from draftsmith.utils.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -85,15 +85,6 @@ def load_tokenizer(source: TargetSource | str, require_chat_template: bool = Tru
     return tok
 
 
-def _sha256_file(path: Path) -> str:
-    """sha256 of the whole file, read in 8 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 23), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def gguf_sha256(path: Path) -> str:
     """Full-content sha256 of a GGUF file, remembered by (path, size, mtime_ns).
 
@@ -113,7 +104,7 @@ def gguf_sha256(path: Path) -> str:
     except (OSError, ValueError, AttributeError):
         pass  # no sidecar yet, or an unreadable one: hash again
     log.info("hashing %s (%d bytes) to key its materialized dir", path, st.st_size)
-    digest = _sha256_file(path)
+    digest = file_sha256(path)
     sidecar.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(sidecar, {**stamp, "sha256": digest})
     return digest

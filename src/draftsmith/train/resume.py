@@ -72,15 +72,22 @@ def _fix(run: Path) -> str:
             f"choose another --out")
 
 
-def check_recipe(run: Path, recipe: Recipe) -> None:
-    """Before anything heavy: the recipe of an existing run must match `recipe`."""
-    path = run / RECIPE_FILE
+def _recorded(run: Path, name: str) -> dict | None:
+    """RUN/name as JSON, None when the run has none (InputError when unreadable)."""
+    path = run / name
     if not path.is_file():
-        return
+        return None
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: unreadable ({e}); {_fix(run)}") from None
+
+
+def check_recipe(run: Path, recipe: Recipe) -> None:
+    """Before anything heavy: the recipe of an existing run must match `recipe`."""
+    old = _recorded(run, RECIPE_FILE)
+    if old is None:
+        return
     diffs = recipe_differences(old, recipe.model_dump(mode="json"))
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; … {len(diffs) - 6} more" if len(diffs) > 6 else "")
@@ -89,13 +96,9 @@ def check_recipe(run: Path, recipe: Recipe) -> None:
 
 def check_data(run: Path, record: dict) -> None:
     """After rendering the data: its fingerprint must match the one the run started with."""
-    path = run / DATA_FILE
-    if not path.is_file():
+    old = _recorded(run, DATA_FILE)
+    if old is None:
         return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: unreadable ({e}); {_fix(run)}") from None
     diffs = [f"{k}: {old.get(k)!r} -> {record[k]!r}"
              for k in ("train_records", "heldout_records", "train", "heldout") if old.get(k) != record[k]]
     if diffs:
