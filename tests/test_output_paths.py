@@ -329,3 +329,30 @@ def test_target_export_hf_out_file_fails_before_loading(tmp_path, target_dir, mo
     assert _export_hf(target_dir, out) == 2
     _one_line_error(capsys, "--out", str(out))
     assert out.read_text() == "precious"
+
+
+@pytest.mark.parametrize("argv,needle", [(["--baselines", "bogus"], "--baselines: unknown baseline 'bogus'"),
+                                         (["--truncate", "x"], "--truncate 'x'"),
+                                         (["--max-samples", "0"], "--max-samples must be >= 1")])
+def test_eval_arguments_fail_before_the_target_loads(tmp_path, monkeypatch, capsys, argv, needle):
+    import draftsmith.eval.commands as mod
+
+    monkeypatch.setattr(mod, "load_target_model", _refuse)
+    rc = main(["eval", "--datasets", str(_dataset(tmp_path)), "--out", str(tmp_path / "o"), *argv])
+    assert rc == 2
+    _one_line_error(capsys, needle)
+
+
+@pytest.mark.parametrize("argv,needle", [(["--max-samples", "0"], "--max-samples must be >= 1"),
+                                         (["--peers", "nope"], "--peers 'nope'"),
+                                         (["--p-min", "2"], "--p-min must lie in [0, 1]"),
+                                         (["--n-max", "0"], "--n-max must be >= 1")])
+def test_serve_check_arguments_fail_before_exporting(tmp_path, monkeypatch, capsys, argv, needle):
+    import draftsmith.serve.check as mod
+
+    monkeypatch.setattr(mod, "resolve_draft_dir", _refuse)
+    monkeypatch.setattr(mod, "export_for_serving", _refuse)
+    rc = main(["serve-check", "--draft", str(tmp_path / "d"), "--datasets", str(_dataset(tmp_path)),
+               "--out", str(tmp_path / "o"), *argv])
+    assert rc == 2
+    _one_line_error(capsys, needle)

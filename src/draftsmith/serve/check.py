@@ -207,8 +207,25 @@ def export_for_serving(draft_dir: Path, out_dir: Path, target: str | None, dtype
     return manifest, ["-md", str(gguf_dir / gguf_export.GGUF_FILE), *spec_args(manifest, n_max, p_min)]
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_args(args: argparse.Namespace) -> None:
+    """Every flag that can be checked without the draft or the target, before the GGUF export."""
     check_output_dir(args.out, "--out")
+    for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--ctx-size", args.ctx_size, 1),
+                             ("--n-max", args.n_max, 1)):
+        if value is not None and value < low:
+            raise InputError(f"{flag} must be >= {low}, got {value}")
+    if args.p_min is not None and not 0 <= args.p_min <= 1:
+        raise InputError(f"--p-min must lie in [0, 1], got {args.p_min}")
+    if args.tolerance < 0:
+        raise InputError(f"--tolerance must be >= 0, got {args.tolerance}")
+    unknown = [p for p in split_list(args.peers) if p not in PEERS]
+    if unknown:
+        raise InputError(f"--peers {unknown[0]!r}: known peers are {', '.join(PEERS)}")
+    load_datasets(args)  # names, files, --max-samples
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
     draft_dir = resolve_draft_dir(args.draft)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,9 +238,6 @@ def run(args: argparse.Namespace) -> int:
     prompts = first_turn_prompts(args, tokenizer)
     p_min = args.p_min if args.p_min is not None else manifest["serve"].get("p_min")
     peers = split_list(args.peers)
-    for peer in peers:
-        if peer not in PEERS:
-            raise InputError(f"--peers {peer!r}: known peers are {', '.join(PEERS)}")
     from tqdm import tqdm
 
     total = sum(len(v) for v in prompts.values()) * (2 + len(peers))
