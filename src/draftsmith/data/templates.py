@@ -14,6 +14,7 @@ import array
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tqdm import tqdm
 
@@ -30,6 +31,11 @@ class RenderedSample:
     truncated: bool = False  # cut at max_length
     length_capped: bool = False  # the final answer hit max_tokens (no end-of-turn)
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """`record_fingerprint` of this sample, computed once (cache key, cache check, resume)."""
+        return record_fingerprint(self.input_ids, self.loss_mask)
+
 
 def record_fingerprint(input_ids: Sequence[int], loss_mask: Sequence[int]) -> str:
     """16 hex digits of blake2b over a sample's length, token ids (int64) and loss mask (uint8):
@@ -38,6 +44,17 @@ def record_fingerprint(input_ids: Sequence[int], loss_mask: Sequence[int]) -> st
     h.update(len(input_ids).to_bytes(8, "little"))
     h.update(array.array("q", input_ids).tobytes())
     h.update(bytes(loss_mask))
+    return h.hexdigest()
+
+
+def samples_sha256(samples: Sequence[RenderedSample]) -> str:
+    """sha256 over every sample's id, token ids and loss mask, in order (a feature cache's data
+    key, a training run's data record)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.id.encode() + b"\0")
+        h.update(array.array("q", s.input_ids).tobytes() + b"\1")
+        h.update(bytes(s.loss_mask) + b"\2")
     return h.hexdigest()
 
 

@@ -111,14 +111,19 @@ def check_baselines(names: list[str]) -> list[str]:
     return names
 
 
-def sampling_settings(args, stop_ids: list[int], pad_id: int) -> Settings:
-    """Settings from the flags, validated (--truncate's syntax included)."""
+def check_sampling_args(args) -> SamplingConfig:
+    """Every decoding flag (--truncate's syntax included), checked without a model."""
     parse_truncate(args.truncate)
     for flag, value in (("--batch-size", args.batch_size), ("--num-draft-tokens", args.num_draft_tokens)):
         if value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
-    return Settings(args.max_new_tokens, sampling_config(args), stop_ids, pad_id, args.seed, args.batch_size,
-                    args.num_draft_tokens, args.truncate, args.compile)
+    return sampling_config(args)
+
+
+def sampling_settings(args, stop_ids: list[int], pad_id: int) -> Settings:
+    """Settings from the flags, validated (`check_sampling_args`)."""
+    return Settings(args.max_new_tokens, check_sampling_args(args), stop_ids, pad_id, args.seed,
+                    args.batch_size, args.num_draft_tokens, args.truncate, args.compile)
 
 
 def load_datasets(args) -> list[EvalDataset]:
@@ -184,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     drafts = parse_drafts(args.draft)
     baselines = check_baselines(split_list(args.baselines))
     datasets = load_datasets(args)
-    sampling_settings(args, [0], 0)  # every sampling flag and --truncate, before the target loads
+    check_sampling_args(args)  # before the target loads
     if args.threads:
         torch.set_num_threads(args.threads)
     compute = resolve_dtype(args.dtype, _device(args.device))

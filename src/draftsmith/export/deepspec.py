@@ -27,13 +27,13 @@ from torch import nn
 
 from draftsmith.config import build_config
 from draftsmith.export.formats import (
-    FormatAdapter, ReadContext, WriteContext, config_from_manifest, load_weights, strip_model_prefix,
+    FormatAdapter, ReadContext, WriteContext, config_from_manifest, strip_model_prefix,
 )
 from draftsmith.export.manifest import Key, check_keys, check_tensor_names, read_tensors, write_engine_dir
 from draftsmith.models.base import engine_config_class
 from draftsmith.models.dflash import ZLAB_ARCHITECTURE, DFlashConfig
 from draftsmith.models.dspark import DEEPSPEC_ARCHITECTURES, DSparkConfig
-from draftsmith.models.io import build_draft
+from draftsmith.models.io import build_draft, load_weights
 from draftsmith.models.layers import geometry_from_target
 from draftsmith.utils.io import InputError
 

@@ -23,11 +23,11 @@ from torch import nn
 
 from draftsmith.config import build_config
 from draftsmith.export.formats import (
-    FormatAdapter, ReadContext, WriteContext, config_from_manifest, load_weights, strip_model_prefix,
+    FormatAdapter, ReadContext, WriteContext, config_from_manifest, strip_model_prefix,
 )
 from draftsmith.export.manifest import Key, check_keys, check_tensor_names, read_tensors, write_engine_dir
 from draftsmith.models.eagle3 import Eagle3Config, default_eagle3_layers
-from draftsmith.models.io import build_draft
+from draftsmith.models.io import build_draft, load_weights
 from draftsmith.models.layers import geometry_from_target
 from draftsmith.models.vocab import t2d_from_ids, ids_from_d2t
 from draftsmith.utils.io import InputError

@@ -27,7 +27,7 @@ from torch import nn
 from draftsmith.config import build_config
 from draftsmith.export.manifest import TargetInfo, target_architectures
 from draftsmith.models.base import DraftConfig
-from draftsmith.models.io import CONFIG_FILE, WEIGHTS_FILE, check_tensors, load_draft, write_draft_files
+from draftsmith.models.io import CONFIG_FILE, WEIGHTS_FILE, load_draft, write_draft_files
 from draftsmith.utils.io import InputError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -159,14 +159,6 @@ def strip_model_prefix(tensors: dict) -> dict:
     if tensors and all(k.startswith("model.") for k in tensors):
         return {k.removeprefix("model."): v for k, v in tensors.items()}
     return tensors
-
-
-def load_weights(model: nn.Module, tensors: dict, where: str) -> nn.Module:
-    """Validate names and shapes, load in the file's dtype, restore and check the vocab maps."""
-    check_tensors(model, tensors, where)
-    model.to(tensors["fc.weight"].dtype).load_state_dict(tensors, strict=True)
-    model.restore_vocab_maps()
-    return model
 
 
 # --------------------------------------------------------------------------- draftsmith's own dir

@@ -7,7 +7,7 @@ Layout of a cache directory:
                               of layer i), geometry, dtype, max_length, chat-template sha256, data
                               sha256, counts, complete flag, deviation vs fp32, and per shard: file,
                               sample range, tokens, bytes, sha256, crc32, and per sample its source
-                              record id and record fingerprint (`record_fingerprint`)
+                              record id and record fingerprint (`RenderedSample.fingerprint`)
     shard_00000.safetensors   per-token arrays of consecutive samples, concatenated:
         input_ids      [T] uint16 (vocab <= 65536) or int32
         loss_mask      [T] uint8
@@ -33,7 +33,6 @@ sha256 at open instead). Version 1 caches (no fingerprints, no crc32) are refuse
 
 from __future__ import annotations
 
-import array
 import hashlib
 import math
 import os
@@ -50,7 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from draftsmith.data.templates import RenderedSample, record_fingerprint
+from draftsmith.data.templates import RenderedSample, samples_sha256
 from draftsmith.features.estimate import (
     DEFAULT_SHARD_TOKENS, DTYPES, HIDDEN_DTYPE, plan_shards, shard_metadata, token_dtype,
 )
@@ -89,16 +88,6 @@ def chat_template_sha256(tokenizer) -> str | None:
     if isinstance(template, dict):  # named templates
         template = "\n".join(f"{k}\n{v}" for k, v in sorted(template.items()))
     return hashlib.sha256(template.encode()).hexdigest() if template else None
-
-
-def samples_sha256(samples: Sequence[RenderedSample]) -> str:
-    """sha256 over every sample's id, token ids and loss mask (what the cache content depends on)."""
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(s.id.encode() + b"\0")
-        h.update(array.array("q", s.input_ids).tobytes() + b"\1")
-        h.update(bytes(s.loss_mask) + b"\2")
-    return h.hexdigest()
 
 
 def file_crc32(path: Path) -> str:
@@ -241,7 +230,7 @@ def _build_shard(target: TargetModel, samples: Sequence[RenderedSample], k: int,
     entry = {"file": path.name, "samples": [a, b], "tokens": sum(lengths), "hidden_positions": sum(hrows),
              "bytes": path.stat().st_size, "sha256": file_sha256(path), "crc32": file_crc32(path),
              "record_ids": [s.id for s in samples[a:b]],
-             "record_fingerprints": [record_fingerprint(s.input_ids, s.loss_mask) for s in samples[a:b]]}
+             "record_fingerprints": [s.fingerprint for s in samples[a:b]]}
     return entry, dev
 
 
@@ -472,8 +461,7 @@ class FeatureCache:
             cache._verified.update(range(len(manifest["shards"])))
         return cache
 
-    def check_samples(self, samples: Sequence[RenderedSample], max_length: int | None,
-                      fingerprints: Sequence[str] | None = None) -> None:
+    def check_samples(self, samples: Sequence[RenderedSample], max_length: int | None) -> None:
         """The cache holds every one of `samples` (a run's records, maybe a subset of the cache's)
         as rendered now: same max_length, same token ids and loss mask (record fingerprints)."""
         advice = f"rebuild the cache (delete {self.root} and rerun its build) or use another --cache"
@@ -487,9 +475,7 @@ class FeatureCache:
         if missing:
             raise FeatureCacheError(f"{self.root}: the cache lacks {len(missing)} of the run's {len(samples)} "
                                     f"samples (first: {missing[0]!r}); it was built from other data; {advice}")
-        if fingerprints is None:
-            fingerprints = [record_fingerprint(s.input_ids, s.loss_mask) for s in samples]
-        changed = [s.id for s, fp in zip(samples, fingerprints) if cached[s.id] != fp]
+        changed = [s.id for s in samples if cached[s.id] != s.fingerprint]
         if changed:
             shown = ", ".join(repr(rid) for rid in changed[:5]) + (", ..." if len(changed) > 5 else "")
             changed_ids = set(changed)

@@ -132,6 +132,15 @@ def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str
         raise InputError(f"{where}: does not match its config.json: " + " | ".join(problems))
 
 
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """Validate names and shapes, load in the tensors' dtype, restore and check the vocab maps
+    (every reader of a draft's weights: `load_draft` and the format adapters)."""
+    check_tensors(model, tensors, where)
+    model.to(tensors["fc.weight"].dtype).load_state_dict(tensors, strict=True)
+    model.restore_vocab_maps()
+    return model
+
+
 def load_draft(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a draft model from a draft dir, validating every tensor name and shape.
@@ -145,8 +154,5 @@ def load_draft(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise InputError(f"{file}: not found") from None
     except (SafetensorError, OSError) as e:
         raise InputError(f"{file}: not a readable safetensors file ({e})") from None
-    model = build_draft(config)
-    check_tensors(model, tensors, str(file))
-    model.to(tensors["fc.weight"].dtype).load_state_dict(tensors, strict=True)
-    model.restore_vocab_maps()
+    model = load_weights(build_draft(config), tensors, str(file))
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

@@ -171,11 +171,11 @@ def offline_tau(args, draft_dir: Path, target: str, tokenizer, prompts: dict[str
 # --------------------------------------------------------------------------- the command
 
 
-def first_turn_prompts(args, tokenizer) -> dict[str, list[list[int]]]:
-    """First turn of every record of `args.datasets`, rendered with the target's chat template,
-    as token ids."""
+def first_turn_prompts(args, tokenizer, datasets=None) -> dict[str, list[list[int]]]:
+    """First turn of every record of `datasets` (default: `args.datasets`, loaded), rendered with
+    the target's chat template, as token ids."""
     return {ds.name: [render_prompt(tokenizer, record[:1], []) for record in ds.records]
-            for ds in load_datasets(args)}
+            for ds in (datasets if datasets is not None else load_datasets(args))}
 
 
 def _speedup(tokens_per_s, plain_tokens_per_s):
@@ -207,8 +207,9 @@ def export_for_serving(draft_dir: Path, out_dir: Path, target: str | None, dtype
     return manifest, ["-md", str(gguf_dir / gguf_export.GGUF_FILE), *spec_args(manifest, n_max, p_min)]
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    """Every flag that can be checked without the draft or the target, before the GGUF export."""
+def _check_args(args: argparse.Namespace) -> list:
+    """Every flag that can be checked without the draft or the target, before the GGUF export;
+    returns the loaded datasets."""
     check_output_dir(args.out, "--out")
     for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--ctx-size", args.ctx_size, 1),
                              ("--n-max", args.n_max, 1)):
@@ -221,11 +222,11 @@ def _check_args(args: argparse.Namespace) -> None:
     unknown = [p for p in split_list(args.peers) if p not in PEERS]
     if unknown:
         raise InputError(f"--peers {unknown[0]!r}: known peers are {', '.join(PEERS)}")
-    load_datasets(args)  # names, files, --max-samples
+    return load_datasets(args)  # names, files, --max-samples
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_args(args)
+    datasets = _check_args(args)
     draft_dir = resolve_draft_dir(args.draft)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     info = describe_target(target)
     target_gguf = gguf_export.target_gguf(info, args.target_type)
     tokenizer = load_tokenizer(info.source)
-    prompts = first_turn_prompts(args, tokenizer)
+    prompts = first_turn_prompts(args, tokenizer, datasets)
     p_min = args.p_min if args.p_min is not None else manifest["serve"].get("p_min")
     peers = split_list(args.peers)
     from tqdm import tqdm

@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-from dataclasses import dataclass
 import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -173,15 +173,18 @@ def _step_metrics(objective, acc: StepSums) -> dict:
                                      else acc.counts.new_zeros(0), acc.counts.double()]))
     tau = TauSimMeter(acc.tau.block_size, acc.counts.device)
     tau.load_sums(all_reduce_sum(acc.tau.sums()))
-    out = {}
-    loss = 0.0
-    for k, v in zip(keys, flat[:-2].tolist()):
-        out[k] = v / max(float(acc.den[TERM_DENOMINATOR[k]]), 1e-12)
-        loss += getattr(objective.loss_weights, k) * out[k]
+    out = _per_term(dict(zip(keys, flat[:-2].tolist())), acc.den)
+    loss = sum((getattr(objective.loss_weights, k) * v for k, v in out.items()), 0.0)
     out.update(loss=loss, tokens=float(flat[-2]), sequences=acc.sequences, blocks=float(flat[-1]))
     if float(tau.blocks):
         out.update(tau_sim=tau.value(), c_star=[round(c, 5) for c in tau.per_position()["c_star"]])
     return out
+
+
+def _per_term(sums: dict, den: dict) -> dict:
+    """Each loss term's summed numerator over its global denominator."""
+    return {k: float(v) / max(float(den[TERM_DENOMINATOR[k]]), 1e-12) for k, v in sums.items()}
+
 
 # --------------------------------------------------------------------------- evaluation
 
@@ -197,7 +200,7 @@ def evaluate(s: Setup, recipe: Recipe, objective, info: DistInfo, held_feats) ->
     den = reduce_denominators([objective.denominators(b) for b in batches])
     acc = _accumulate(objective, batches, den)
     sums, tau = acc.sums, acc.tau
-    out = {f"eval/{k}": float(v) / max(float(den[TERM_DENOMINATOR[k]]), 1e-12) for k, v in sums.items()}
+    out = {f"eval/{k}": v for k, v in _per_term(sums, den).items()}
     if float(tau.blocks):
         per = tau.per_position()
         out.update({"eval/tau_sim": tau.value(), "eval/tau_greedy": tau.greedy_value(),
@@ -492,6 +495,7 @@ def build_trainer(recipe: Recipe, s: Setup, info: DistInfo, build_objective: Obj
                                                                            recompute=recipe.train.recompute))
     return Trainer(recipe, s, info, objective, total_steps(recipe, len(s.data.train)) if steps is None else steps,
                    prefetch)
+
 
 def run(args, objective_for: Callable[[str], ObjectiveFactory]) -> int:
     """`draftsmith train`; `objective_for(drafter name)` is the drafter registry's lookup (the

@@ -2,17 +2,16 @@
 resume) and the same data, checked before any heavy work.
 
 `RUN/recipe.json` records the recipe the run trains with (exports read it too); `RUN/data.json`
-records a fingerprint of the rendered training and held-out samples (ids, token ids, loss
+records a sha256 of the rendered training and held-out samples (ids, token ids, loss
 masks). A rerun of `train --out RUN` with other inputs is an error that says what differs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from draftsmith.data.templates import RenderedSample, record_fingerprint
+from draftsmith.data.templates import samples_sha256
 from draftsmith.train.dataset import TrainData
 from draftsmith.train.recipe import Recipe
 from draftsmith.utils.io import InputError, atomic_write_json
@@ -53,18 +52,10 @@ def recipe_differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def samples_fingerprint(samples: list[RenderedSample]) -> str:
-    """16 hex digits over each sample's id and record fingerprint (token ids, loss mask), in order."""
-    h = hashlib.blake2b(digest_size=8)
-    for s in samples:
-        h.update(f"{s.id}\0{record_fingerprint(s.input_ids, s.loss_mask)}\0".encode("utf-8"))
-    return h.hexdigest()
-
-
 def data_record(data: TrainData, data_path: str) -> dict:
     return {"format": DATA_FORMAT, "data": str(data_path), "train_records": len(data.train),
-            "heldout_records": len(data.heldout), "train": samples_fingerprint(data.train),
-            "heldout": samples_fingerprint(data.heldout)}
+            "heldout_records": len(data.heldout), "train": samples_sha256(data.train),
+            "heldout": samples_sha256(data.heldout)}
 
 
 def _fix(run: Path) -> str:

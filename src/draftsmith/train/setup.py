@@ -18,7 +18,7 @@ from torch import nn
 
 from draftsmith.data.templates import RenderedSample
 from draftsmith.features.cache import VERSION as CACHE_VERSION
-from draftsmith.features.cache import FeatureCache, build_cache, record_fingerprint
+from draftsmith.features.cache import FeatureCache, build_cache
 from draftsmith.features.online import FeaturePolicy, SampleFeatures, compute_features, target_identity
 from draftsmith.models.io import build_draft, load_draft
 from draftsmith.models.vocab import build_draft_vocab
@@ -29,7 +29,6 @@ from draftsmith.train.parallel import DistInfo, barrier
 from draftsmith.train.recipe import Recipe
 from draftsmith.utils.dtypes import ComputeDtype
 from draftsmith.utils.dtypes import resolve as resolve_dtype
-from draftsmith.utils.io import InputError
 from draftsmith.utils.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -73,18 +72,15 @@ class FeatureSource:
         return [self.cache[self.index[s.id]] for s in samples]
 
 
-def _cache_dir(recipe: Recipe, target: TargetModel, samples: list[RenderedSample],
-               fingerprints: list[str] | None = None) -> Path:
+def _cache_dir(recipe: Recipe, target: TargetModel, samples: list[RenderedSample]) -> Path:
     """recipe.features.cache_dir, else a directory keyed by everything the cache's bytes depend on
     (the records' content by their fingerprints, and the cache format version)."""
     if recipe.features.cache_dir:
         return Path(recipe.features.cache_dir)
-    if fingerprints is None:
-        fingerprints = [record_fingerprint(s.input_ids, s.loss_mask) for s in samples]
     key = json.dumps({"format_version": CACHE_VERSION, "target": target_identity(target),
                       "layers": target.layer_ids, "dtype": recipe.features.dtype,
                       "max_length": recipe.data.max_length,
-                      "samples": [(s.id, fp) for s, fp in zip(samples, fingerprints)]}, sort_keys=True)
+                      "samples": [(s.id, s.fingerprint) for s in samples]}, sort_keys=True)
     return cache_root() / "features" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -108,8 +104,7 @@ def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: D
     if recipe.features.mode == "online" and not cache_dir:
         return FeatureSource(target, None, policy)
     samples = data.train + data.heldout
-    fingerprints = [record_fingerprint(s.input_ids, s.loss_mask) for s in samples]
-    path = Path(cache_dir) if cache_dir else _cache_dir(recipe, target, samples, fingerprints)
+    path = Path(cache_dir) if cache_dir else _cache_dir(recipe, target, samples)
     if info.is_main:
         with _build_lock(path):  # two runs sharing one cache (dspark + dflash) build it once
             manifest = path / "manifest.json"
@@ -119,7 +114,7 @@ def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: D
                             max_length=recipe.data.max_length, tokenizer=tokenizer, progress=progress)
     barrier()
     cache = FeatureCache.open(path, expect_target=target, expect_layer_ids=target.layer_ids)
-    cache.check_samples(samples, recipe.data.max_length, fingerprints)  # a stale cache is refused
+    cache.check_samples(samples, recipe.data.max_length)  # a stale cache is refused
     return FeatureSource(target, cache, policy)
 
 
