@@ -43,7 +43,7 @@ class FeaturesConfig(StrictConfig):
     max_batch_tokens: int = Field(4096, ge=64)
     # dtype the target runs in (features and p_t); auto: bf16 where the hardware runs it natively
     # (CUDA with bf16, a CPU with AMX or AVX512-BF16), else fp32 (utils/dtypes.py). SmolLM2 on 2
-    # cores: AMX bf16 ~3500 tok/s; AVX2-only fp32 587 tok/s, emulated bf16 80 tok/s.
+    # cores (issue 13's numbers): AMX bf16 ~3500 tok/s; AVX2-only fp32 587, emulated bf16 80 tok/s.
     target_dtype: Literal["auto", "fp32", "bf16"] = "auto"
 
 
