@@ -114,18 +114,23 @@ def run_probe(args) -> None:
     with open(args.data, encoding="utf-8") as f:
         records = [json.loads(line) for line in itertools.islice(f, args.records)]
     samples, _ = render_records(load_tokenizer(t.source), records, 512, {}, total=len(records), progress=False)
-    xs, prev, ys = [], [], []
+    xs, prev, toks, ys = [], [], [], []
     for s in compute_features(t, samples):
         mask = torch.as_tensor(s.loss_mask).bool()
         idx = torch.nonzero(mask[2:]).squeeze(1) + 1  # hidden[t] gives p_t of token t + 1 (supervised)
         xs.append(s.features[idx].float())
         prev.append(s.features[idx - 1].float())
+        toks.append(torch.as_tensor(s.input_ids)[idx])
         ys.append(s.hidden[idx].float())
     x, xp, y = torch.cat(xs), torch.cat(prev), torch.cat(ys)
     head, H = t.model.lm_head.weight.float(), t.model.config.hidden_size
+    emb = t.model.get_input_embeddings().weight.float()[torch.cat(toks)]  # the anchor token's embedding
     print(f"{len(x)} supervised positions, first 80 % fit, last 20 % scored")
     for name, feats in (("all tapped layers at t (the leak)", x), ("last tapped layer at t", x[:, -H:]),
-                        ("all tapped layers at t-1 (no anchor token)", xp)):
+                        ("all tapped layers at t-1 (no anchor token)", xp),
+                        ("t-1 layers + the anchor token's embedding (what slot 0 reads; linear)",
+                         torch.cat([xp, emb], 1)),
+                        ("the anchor token's embedding alone (a linear bigram)", emb)):
         print(f"{name}: held-out c* {_probe(feats, y, head):.3f}")
 
 

@@ -14,6 +14,7 @@ peak allocated memory (GPU). Numbers are this machine's, now: run it again befor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -23,9 +24,10 @@ import time
 from draftsmith.drafters import REGISTRY
 
 
-def child(drafter: str, target: str, data: str, steps: int, limit: int, threads: int | None = None) -> dict:
+def child(drafter: str, target: str, data: str, steps: int, limit: int, threads: int | None = None,
+          prefetch: str = "auto") -> dict:
     """`steps` optimizer steps after a warm-up, built by the loop's own `build_trainer` and fed
-    as the loop feeds them (the next step's batches made on the prefetch thread)."""
+    as the loop feeds them (on GPUs the next step's batches are made on the prefetch thread)."""
     import torch
 
     from draftsmith.drafters import objective_for
@@ -40,21 +42,23 @@ def child(drafter: str, target: str, data: str, steps: int, limit: int, threads:
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     s = build_setup(recipe, data, info, progress=False)
-    trainer = loop.build_trainer(recipe, s, info, objective_for(drafter), steps + 1)
+    trainer = loop.build_trainer(recipe, s, info, objective_for(drafter), steps + 1,
+                                 prefetch=None if prefetch == "auto" else prefetch == "on")
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     counts = []
-    with Prefetcher(trainer.batches, range(steps + 1)) as feed:
-        trainer.train_step(0, feed.get(0))  # warm-up
+    with Prefetcher(trainer.batches, range(steps + 1)) if trainer.prefetch else contextlib.nullcontext() as feed:
+        get = feed.get if trainer.prefetch else trainer.batches
+        trainer.train_step(0, get(0))  # warm-up
         tic = time.perf_counter()
         for step in range(1, steps + 1):
-            counts.append(trainer.train_step(step, feed.get(step)).counts)
+            counts.append(trainer.train_step(step, get(step)).counts)
         slots, blocks = torch.stack(counts).sum(0).tolist()  # the one host sync
         elapsed = time.perf_counter() - tic
     peak = (torch.cuda.max_memory_allocated() if info.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     trainable = sum(p.numel() for p in trainer.params)
-    return {"drafter": drafter, "blocks_per_s": blocks / elapsed, "slots_per_s": slots / elapsed,
+    return {"drafter": drafter, "prefetch": trainer.prefetch, "blocks_per_s": blocks / elapsed, "slots_per_s": slots / elapsed,
             "s_per_step": elapsed / steps, "peak_bytes": peak, "device": info.device.type,
             "trainable_params": trainable, "block_size": s.model.config.block_size
             if hasattr(s.model.config, "block_size") else s.model.config.ttt_length}
@@ -90,15 +94,18 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--limit", type=int, default=64, help="training records (the cache covers them)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's train.threads)")
+    p.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
+                   help="make the next step's batches on the prefetch thread or inline (auto: as the "
+                        "loop does, on GPUs only)")
     p.add_argument("--child", choices=list(REGISTRY), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(child(a.child, a.target, a.data, a.steps, a.limit, a.threads)), flush=True)
+        print("RESULT " + json.dumps(child(a.child, a.target, a.data, a.steps, a.limit, a.threads, a.prefetch)), flush=True)
         return 0
     results = []
     for d in REGISTRY:
         out = subprocess.run([sys.executable, __file__, "--child", d, "--target", a.target, "--data", a.data,
-                              "--steps", str(a.steps), "--limit", str(a.limit)]
+                              "--steps", str(a.steps), "--limit", str(a.limit), "--prefetch", a.prefetch]
                              + (["--threads", str(a.threads)] if a.threads else []),
                              capture_output=True, text=True, check=False)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]

@@ -281,7 +281,7 @@ def test_pruned_vocab_masks_labels_and_uses_the_full_vocabulary_l1(target64, dat
     build = dspark_model if drafter == "dspark" else eagle3_model
     model = perturb(build(target64, kept_ids=kept, draft_vocab_size=48)).double()
     head = target_head_from(target64.get_output_embeddings())
-    cfg = ObjectiveConfig(loss_weights=LossWeights(ce=1, l1=1, bce=0, soft_ce=1))
+    cfg = ObjectiveConfig(loss_weights=LossWeights(ce=1, l1=1, soft_ce=1, kl=1, ce_argmax=1))
     obj = build_objective(model, head, cfg)
     parts = obj(data64)
     blocks = obj.blocks(data64)
@@ -308,6 +308,11 @@ def test_pruned_vocab_masks_labels_and_uses_the_full_vocabulary_l1(target64, dat
     q = p_t[..., kept] / p_t[..., kept].sum(-1, keepdim=True)
     soft = -(q * torch.log_softmax(logits, -1)).sum(-1)
     assert float(parts.soft_ce) == pytest.approx(float((soft * w)[iv].sum() / w[iv].sum()), rel=1e-9)
+    # distillation terms: every supervised slot, whatever its text label
+    kl = (q * (q.log() - torch.log_softmax(logits, -1))).sum(-1)
+    assert float(parts.term("kl")) == pytest.approx(float((kl * w)[v].sum() / w[v].sum()), rel=1e-9)
+    greedy = -torch.log_softmax(logits, -1).gather(-1, q.argmax(-1, keepdim=True))[..., 0]
+    assert float(parts.term("ce_argmax")) == pytest.approx(float((greedy * w)[v].sum() / w[v].sum()), rel=1e-9)
     c_star = (1 - 0.5 * l1)[v]
     assert parts.tau.c_star_sum.sum().item() == pytest.approx(float(c_star.sum()), rel=1e-9)
 

@@ -61,14 +61,16 @@ def test_kill9_resume_reproduces_the_loss_curve(world, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(train_cmd(recipe, world["data"], ref), check=True, timeout=600)
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(recipe, world["data"], run))
+    # the killed and resumed run make their batches on the prefetch thread (off by default on a
+    # CPU): the same batches, so the same curve as the reference
+    proc = subprocess.Popen(train_cmd(recipe, world["data"], run, "--set", "train.prefetch=true"))
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "step_9").exists():
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "step_90").exists(), "the kill should land mid-run"
-    subprocess.run(train_cmd(recipe, world["data"], run), check=True, timeout=600)
+    subprocess.run(train_cmd(recipe, world["data"], run, "--set", "train.prefetch=true"), check=True, timeout=600)
     # bitwise: a resume replays the same computation (same machine, train.threads = 1 in every process)
     assert losses(run) == losses(ref)
     assert len(losses(ref)) == 90
@@ -106,7 +108,7 @@ def test_torchrun_two_processes_match_one(world, tmp_path, parallel):
     for (k, v1), (_, v2) in zip(sorted(d1.state_dict().items()), sorted(d2.state_dict().items())):
         assert torch.allclose(v1, v2, rtol=1e-4, atol=1e-6), k
     assert sorted(p.name for p in (two / "step_10").iterdir()) == ["config.json", "model.safetensors",
-                                                                  "training_state.pt"]
+                                                                  "training.json", "training_state.pt"]
 
 
 def test_fp32_cache_gives_the_online_loss(world, tmp_path):
@@ -167,3 +169,37 @@ def test_metrics_are_reduced_on_log_steps_only(world, tmp_path, monkeypatch):
     train(recipe, str(world["data"]), tmp_path / "run", progress=False)
     assert reduced == [3, 6, 7]  # log steps and the last one: no collective or host sync on the others
     assert [s for s, _ in losses(tmp_path / "run")] == [3, 6, 7]
+
+
+def test_recipe_loss_weights_reach_the_objective_and_the_checkpoint(world, tmp_path):
+    """loss.weights replaces the drafter's default (terms not named are 0): a DFlash draft
+    distilled from p_t (kl + ce_argmax) instead of its CE on the text."""
+    from draftsmith.drafters import train
+    from draftsmith.train.recipe import load_recipe
+
+    path = make_recipe(tmp_path / "r.yaml", world["qwen3"], "dflash", loss={"weights": {"kl": 1.0, "ce_argmax": 0.5}})
+    train(load_recipe(str(path), ["train.max_steps=3"]), str(world["data"]), tmp_path / "run", progress=False)
+    logged = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m]
+    assert logged and all("train/kl" in m and "train/ce_argmax" in m for m in logged)
+    for m in logged:  # the loss is exactly the weighted terms (ce is reported, weight 0)
+        assert m["train/loss"] == pytest.approx(m["train/kl"] + 0.5 * m["train/ce_argmax"], rel=1e-5)
+        assert m["train/loss"] != pytest.approx(m["train/ce"], rel=1e-3)
+    info = json.loads((tmp_path / "run" / "step_latest" / "training.json").read_text())
+    assert info["drafter"] == "dflash" and info["loss_weights"] == {
+        "ce": 0.0, "l1": 0.0, "bce": 0.0, "soft_ce": 0.0, "kl": 1.0, "ce_argmax": 0.5}
+
+    # no loss section: the drafter's default, recorded the same way
+    train(load_recipe(str(make_recipe(tmp_path / "d.yaml", world["qwen3"], "dflash")), ["train.max_steps=1"]),
+          str(world["data"]), tmp_path / "default", progress=False)
+    info = json.loads((tmp_path / "default" / "step_latest" / "training.json").read_text())
+    assert info["loss_weights"]["ce"] == 1.0 and info["loss_weights"]["kl"] == 0.0
+
+
+@pytest.mark.parametrize("weights,message", [({"kl": 0.0}, "every loss weight is 0"),
+                                             ({"klx": 1.0}, "klx")])
+def test_bad_loss_weights_fail_at_load(world, tmp_path, weights, message):
+    from draftsmith.train.recipe import load_recipe
+
+    path = make_recipe(tmp_path / "r.yaml", world["qwen3"], "dspark", loss={"weights": weights})
+    with pytest.raises(InputError, match=message):
+        load_recipe(str(path))

@@ -216,3 +216,69 @@ def test_records_over_the_size_guard_are_skipped_and_named(world, tmp_path, capl
     assert "over data.max_record_chars 1000: skipped" in caplog.text and "huge" in caplog.text
     assert json.loads((tmp_path / "run" / "data.json").read_text())["train_records"] + \
         json.loads((tmp_path / "run" / "data.json").read_text())["heldout_records"] == len(lines)
+
+
+# --------------------------------------------------------------------------- data sources
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _conv(rid, answer="alpha beta gamma delta"):
+    return {"id": rid, "conversations": [{"role": "user", "content": "tell me"},
+                                         {"role": "assistant", "content": answer}]}
+
+
+def _data_cfg(**kw):
+    from draftsmith.train.recipe import DataConfig
+
+    return DataConfig(**{"max_length": 96, **kw})
+
+
+def test_heldout_conversations_never_reach_training_through_another_source(world, tmp_path):
+    """A held-out conversation (ShareGPT ids `<conv>_<part>`) is excluded from --data's other
+    parts and from every mix source, with a held-out file and with the hash split alike."""
+    from draftsmith.targets.model import load_tokenizer
+    from draftsmith.train.dataset import conversation_key, prepare_data
+
+    tok = load_tokenizer(str(world["llama"]))
+    main = _write(tmp_path / "regen.jsonl", [_conv(f"c{i}_0") for i in range(40)])
+    raw = _write(tmp_path / "raw.jsonl", [_conv(f"c{i}_{p}", "raw words here") for i in range(40) for p in (0, 1)])
+    held = _write(tmp_path / "held.jsonl", [_conv("c3_0"), _conv("c7_0")])
+
+    data = prepare_data(str(main), tok, _data_cfg(heldout=str(held), mix=[{"path": str(raw)}]))
+    trained = {s.id.split(":")[-1] for s in data.train}
+    assert {conversation_key(i) for i in trained} & {"c3", "c7"} == set()
+    assert len(data.train) == 38 + 76 and any(s.id.startswith("mix0:") for s in data.train)
+
+    data = prepare_data(str(main), tok, _data_cfg(heldout_fraction=0.25, mix=[{"path": str(raw), "ratio": 0.5}]))
+    held_keys = {conversation_key(s.id) for s in data.heldout}
+    assert held_keys and not held_keys & {conversation_key(s.id.split(":")[-1]) for s in data.train}
+    n_main = sum(not s.id.startswith("mix") for s in data.train)
+    assert sum(s.id.startswith("mix0:") for s in data.train) == round(0.5 * n_main)
+    assert any("held-out conversation record(s) excluded" in line for line in data.lines)
+
+    # negative control: the exclusion is what keeps them out (the raw source holds the held-out ids)
+    assert {conversation_key(r.split(":")[-1]) for r in (f"c{i}_1" for i in range(40))} >= held_keys
+
+
+def test_long_records_become_windows_instead_of_being_cut(world, tmp_path):
+    from draftsmith.targets.model import load_tokenizer
+    from draftsmith.train.dataset import prepare_data
+
+    tok = load_tokenizer(str(world["llama"]))
+    long = " ".join(["alpha beta gamma delta epsilon"] * 40)
+    data_path = _write(tmp_path / "d.jsonl", [_conv("long_0", long), _conv("short_0")])
+    cut = prepare_data(str(data_path), tok, _data_cfg(max_length=64, heldout_fraction=0.0))
+    win = prepare_data(str(data_path), tok, _data_cfg(max_length=64, heldout_fraction=0.0, long_records="windows"))
+    full = tok.apply_chat_template(_conv("x", long)["conversations"], tokenize=True)
+    full = list(full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full)
+    assert [s.id for s in cut.train] == ["long_0", "short_0"] and len(cut.train[0].input_ids) == 64
+    windows = [s for s in win.train if s.id.startswith("long_0#w")]
+    assert len(windows) == -(-len(full) // 64) and all(len(s.input_ids) <= 64 for s in windows)
+    # the windows tile the whole record; a window's first token is never a label
+    assert sum((s.input_ids for s in windows), []) == full
+    assert all(s.loss_mask[0] == 0 for s in windows)
+    assert sum(sum(s.loss_mask) for s in windows) > sum(cut.train[0].loss_mask)

@@ -8,6 +8,8 @@ Unknown keys never pass silently: the error names the key and lists the valid on
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +36,9 @@ FREE_FORM = object()  # marks a `dict[str, Any]` field (e.g. a recipe's drafter-
 
 def _nested_class(cls: type[BaseModel], key: str):
     annotation = cls.model_fields[key].annotation
+    arms = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(arms) == 1:
+        annotation = arms[0]  # an optional section (`X | None`) is the section X
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     if annotation is dict or getattr(annotation, "__origin__", None) is dict:

@@ -66,12 +66,14 @@ class RenderStats:
     no_trainable_tokens: int = 0
     tokens: int = 0
     trainable_tokens: int = 0
+    windows: int = 0  # samples beyond one per record (long records split into windows)
     problems: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         share = self.length_capped / max(self.records, 1)
+        split = f", {self.windows} extra windows of long records" if self.windows else ""
         return (f"rendered {self.records} records: {self.tokens} tokens, {self.trainable_tokens} "
-                f"trainable; {self.truncated} truncated at max_length, {self.length_capped} "
+                f"trainable; {self.truncated} truncated at max_length{split}, {self.length_capped} "
                 f"length-capped answers ({share:.0%}), {self.no_trainable_tokens} with no trainable token")
 
 
@@ -183,23 +185,43 @@ def _end_of_turn(ids, offsets, text: str, t: int, special: set[int]) -> int | No
     return None
 
 
+def split_windows(sample: RenderedSample, length: int) -> list[RenderedSample]:
+    """A rendered sample longer than `length` -> consecutive windows of at most `length` tokens
+    (ids `<id>#w<k>`), those with a trainable token; a shorter one unchanged. Each window is its
+    own sequence: the target and the draft read it from its first token."""
+    if len(sample.input_ids) <= length:
+        return [sample]
+    out = []
+    for k, start in enumerate(range(0, len(sample.input_ids), length)):
+        ids, mask = sample.input_ids[start:start + length], sample.loss_mask[start:start + length]
+        if sum(mask[1:]) and len(ids) > 1:  # position 0 of a window has no context to predict from
+            last = start + length >= len(sample.input_ids)
+            out.append(RenderedSample(f"{sample.id}#w{k}", ids, [0] + mask[1:], False, sample.length_capped and last))
+    return out
+
+
 def render_records(tokenizer, records: Iterable[dict], max_length: int | None = None,
                    template_kwargs: dict | None = None, total: int | None = None,
-                   progress: bool = True) -> tuple[list[RenderedSample], RenderStats]:
-    """Render many records; a record that cannot be rendered is reported, never silently dropped."""
+                   progress: bool = True, windows: bool = False) -> tuple[list[RenderedSample], RenderStats]:
+    """Render many records; a record that cannot be rendered is reported, never silently dropped.
+    `windows`: a record longer than max_length becomes several windows (`split_windows`)
+    instead of being truncated; `stats.windows` counts the extra samples."""
     stats, samples = RenderStats(), []
     for record in tqdm(records, total=total, desc="render", unit="rec", disable=not progress):
         stats.records += 1
         try:
-            s = render_sample(tokenizer, record, max_length, template_kwargs)
+            s = render_sample(tokenizer, record, None if windows else max_length, template_kwargs)
         except InputError as e:
             stats.problems.append(str(e))
             continue
-        stats.truncated += s.truncated
-        stats.length_capped += s.length_capped
-        stats.tokens += len(s.input_ids)
-        n = sum(s.loss_mask)
-        stats.trainable_tokens += n
-        stats.no_trainable_tokens += n == 0
-        samples.append(s)
+        parts = split_windows(s, max_length) if windows and max_length else [s]
+        stats.windows += len(parts) - 1
+        for s in parts:
+            stats.truncated += s.truncated
+            stats.length_capped += s.length_capped
+            stats.tokens += len(s.input_ids)
+            n = sum(s.loss_mask)
+            stats.trainable_tokens += n
+            stats.no_trainable_tokens += n == 0
+            samples.append(s)
     return samples, stats

@@ -14,5 +14,5 @@ SPEC = DrafterSpec(
     objective=DSparkObjective,
     proposer=DSparkProposer,
     summary="DSpark's block drafter without heads (DeepSpec's DFlash; z-lab's slots imported)",
-    loss_weights=LossWeights(ce=1.0, l1=0.0, bce=0.0),
+    loss_weights=LossWeights(ce=1.0),
 )

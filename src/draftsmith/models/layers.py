@@ -341,9 +341,9 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
     def forward(self, x, cos, sin, mask, prefix_kv=None, is_causal: bool = False) -> torch.Tensor:
+        """Attend from x to [prefix_kv; x]; mask covers all those keys ([B|1, 1, T, P + T])."""
         if isinstance(prefix_kv, ContextRows):
             prefix_kv = self.project_kv(prefix_kv.rows, prefix_kv.cos, prefix_kv.sin)
-        """Attend from x to [prefix_kv; x]; mask covers all those keys ([B|1, 1, T, P + T])."""
         q = self.project_q(x, cos, sin)
         k, v = self.project_kv(x, cos, sin)
         if prefix_kv is not None:

@@ -1,6 +1,7 @@
 """Checkpoints: `RUN/step_N/` is a loadable draft dir (config.json + model.safetensors, written by
 `draftsmith.models.io.write_draft_files`) plus ONE `training_state.pt` for exact resume (optimizer,
-scheduler, RNG, data position) — gathered to rank 0, not one file per rank.
+scheduler, RNG, data position) — gathered to rank 0, not one file per rank — and
+`training.json`, how the draft was trained (drafter, the loss weights in force).
 
 `RUN/step_latest` is a symlink to the newest complete step dir, swapped atomically. A step dir is
 assembled in a temporary sibling and renamed into place, so a kill never leaves a half checkpoint
@@ -10,6 +11,7 @@ back with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -24,6 +26,7 @@ from draftsmith.models.io import write_draft_files
 from draftsmith.utils.io import InputError, atomic_dir, has_marker
 
 STATE_FILE = "training_state.pt"
+TRAINING_FILE = "training.json"
 LATEST = "step_latest"
 STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -45,14 +48,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, keep: int,
+                    info: dict | None = None) -> Path:
     """Write RUN/step_{step} atomically, point step_latest at it, prune old step dirs. An existing
-    step dir is replaced only when it is a checkpoint (holds training_state.pt) or empty."""
+    step dir is replaced only when it is a checkpoint (holds training_state.pt) or empty. `info`
+    (how the draft was trained: step, loss weights) goes to step_N/training.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step}"
     with atomic_dir(final, marker=STATE_FILE) as staged:
         write_draft_files(model, staged)
         torch.save(state, staged / STATE_FILE)
+        if info is not None:
+            (staged / TRAINING_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         for f in staged.iterdir():
             f.chmod(0o644)
     link_tmp = run_dir / f".{LATEST}.tmp"

@@ -2,7 +2,7 @@
 
     for step in steps:                       # one optimizer step = one global batch
         batch = this rank's share of the step's sequences, in micro-batches
-                (made one step ahead on a background thread: `Prefetcher`)
+                (on GPUs made one step ahead on a background thread: `Prefetcher`)
         D = Σ denominators over micro-batches and ranks   (data only: validity, weights)
         for micro-batch: loss = Σ_local w·ℓ / D ; backward  (gradients accumulate)
         gradients summed over ranks (DDP buckets during the last micro-batch's backward, or
@@ -262,7 +262,8 @@ def _train(recipe: Recipe, data: str, out: str | Path, cache, heldout, init_from
     if info.is_main:
         _announce(run, s, recipe, data_record)
     metrics = trainer.metrics = MetricsLog(run, info.is_main, resume_step=start if start else None)
-    metrics.log(start, {"compute": {"target_dtype": s.target_dtype.record(), "precision": s.precision.record()}})
+    metrics.log(start, {"compute": {"target_dtype": s.target_dtype.record(), "precision": s.precision.record()},
+                        "loss_weights": trainer.objective.loss_weights.model_dump()})
     # held-out evaluation runs on rank 0; with FSDP2 every rank takes part (its forwards gather)
     held_feats = s.features(s.data.heldout) if info.is_main or trainer.sharded else []
     final, stop = trainer.fit(run, start, held_feats, progress, started)
@@ -481,18 +482,28 @@ class Trainer:
             return None
         state = {"step": step, "optimizer": optim_state if self.sharded else self.opt.state_dict(),
                  "scheduler": self.sched.state_dict(), "rng": ckpt.rng_state(), "world_size": info.world}
-        path = ckpt.save_checkpoint(run, step, model, state, self.recipe.train.keep_checkpoints)
+        info_json = {"step": step, "drafter": self.recipe.drafter,
+                     "loss_weights": self.objective.loss_weights.model_dump()}
+        path = ckpt.save_checkpoint(run, step, model, state, self.recipe.train.keep_checkpoints, info_json)
         barrier()
         return path
 
 
 def build_trainer(recipe: Recipe, s: Setup, info: DistInfo, build_objective: ObjectiveFactory,
-                  steps: int | None = None, prefetch: bool = True) -> Trainer:
+                  steps: int | None = None, prefetch: bool | None = None) -> Trainer:
     """The one way a training step is built (the loop, bench/train_bench.py, bench/gpu_check.py):
     the drafter's objective around `s.model`, sharded or DDP-wrapped under torchrun, AdamW and its
-    schedule over `steps` (default: the recipe's)."""
-    objective = build_objective(s.model, s.target.logits, ObjectiveConfig(chunk_size=recipe.train.loss_chunk,
-                                                                           recompute=recipe.train.recompute))
+    schedule over `steps` (default: the recipe's). `prefetch` (default: `train.prefetch`, whose
+    auto is GPUs only) makes the next step's batches on a background thread; on a CPU that thread
+    takes cores from the step itself (2-core AMD EPYC, bench/train_bench.py: no gain, ~170 MiB
+    more peak memory)."""
+    if prefetch is None:
+        prefetch = recipe.train.prefetch
+    if prefetch is None:
+        prefetch = info.device.type == "cuda"
+    config = ObjectiveConfig(chunk_size=recipe.train.loss_chunk, recompute=recipe.train.recompute,
+                             loss_weights=recipe.loss.weights)
+    objective = build_objective(s.model, s.target.logits, config)
     return Trainer(recipe, s, info, objective, total_steps(recipe, len(s.data.train)) if steps is None else steps,
                    prefetch)
 

@@ -16,11 +16,17 @@ first label outside the response), with p_d = softmax(Markov-corrected draft log
     bce     = BCE(σ(confidence logit), c*)
     soft_ce = −Σ_{d ∈ draft} q(d) log p_d(d),  q = p_t restricted to the draft vocab and
               renormalized (EAGLE-3/SpecForge practice); masked like ce.
+    kl      = Σ_{d ∈ draft} q(d) (log q(d) − log p_d(d)), the forward KL(q ‖ p_d) (distillation;
+              soft_ce's gradient, but 0 when the draft matches q); every supervised slot.
+    ce_argmax = −log p_d(argmax_d q(d)), CE against the target's most likely token in the draft
+              vocab (greedy distillation: the label is what the target would say, not the text).
 
 Each term is `Σ w_k·ℓ / Σ w_k` with position weights w_k = exp(−k / loss_decay_gamma) (DSpark,
 DFlash; k 0-based) or 0.8^s (Eagle3). The loss is Σ_term α_term·term with α = (ce 0.1, l1 0.9,
 bce 1.0) for DSpark, ce 1.0 for DFlash, soft_ce 1.0 for Eagle3 (`LossWeights`; each drafter's
-spec in `draftsmith.drafters` hands its weights to the objective).
+spec in `draftsmith.drafters` hands its weights to the objective; a recipe's `loss.weights`
+replace them, terms it does not name being 0). kl and ce_argmax learn from p_t alone, so any text
+can train a drafter with the target's distribution as the label (distillation).
 
 Normalization across micro-batches and ranks. The denominators depend on the data only
 (validity, weights, which labels are in the draft vocab), so the train loop computes them for
@@ -57,7 +63,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -68,19 +74,30 @@ from draftsmith.train.anchors import all_anchors, slot_validity
 from draftsmith.utils.io import InputError
 
 TargetHead = Callable[[torch.Tensor], torch.Tensor]  # normed target hidden [n, H] -> logits [n, V]
-TERMS = ("ce", "soft_ce", "l1", "bce")
+TERMS = ("ce", "soft_ce", "l1", "bce", "kl", "ce_argmax")
 # which denominator each term is normalized by: all supervised slots, or those whose label is in
 # the draft vocabulary
-TERM_DENOMINATOR = {"ce": "vocab", "soft_ce": "vocab", "l1": "slots", "bce": "slots"}
+TERM_DENOMINATOR = {"ce": "vocab", "soft_ce": "vocab", "l1": "slots", "bce": "slots", "kl": "slots",
+                    "ce_argmax": "slots"}
+TARGET_TERMS = ("soft_ce", "l1", "bce", "kl", "ce_argmax")  # terms computed from p_t
 
 
 class LossWeights(StrictConfig):
-    """α per loss term (0 = not part of the loss; still reported when computed)."""
+    """α per loss term (0 = not part of the loss; still reported when computed). A term left out
+    is 0: `LossWeights(kl=1)` is pure distillation."""
 
-    ce: float = Field(0.1, ge=0)
-    l1: float = Field(0.9, ge=0)
-    bce: float = Field(1.0, ge=0)
+    ce: float = Field(0.0, ge=0)
+    l1: float = Field(0.0, ge=0)
+    bce: float = Field(0.0, ge=0)
     soft_ce: float = Field(0.0, ge=0)
+    kl: float = Field(0.0, ge=0)
+    ce_argmax: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_term(self):
+        if not any(getattr(self, k) > 0 for k in TERMS):
+            raise ValueError(f"every loss weight is 0; give at least one of {', '.join(TERMS)} a weight > 0")
+        return self
 
 
 class ObjectiveConfig(StrictConfig):
@@ -298,7 +315,7 @@ class BlockObjective(nn.Module):
     `default_loss_weights`."""
 
     anchored: ClassVar[bool] = True
-    default_loss_weights: ClassVar[LossWeights] = LossWeights()
+    default_loss_weights: ClassVar[LossWeights] = LossWeights(ce=0.1, l1=0.9, bce=1.0)
 
     def __init__(self, model: nn.Module, target_head: TargetHead | None,
                  config: ObjectiveConfig | None = None, loss_weights: LossWeights | None = None):
@@ -358,7 +375,7 @@ class BlockObjective(nn.Module):
         (`target_metrics`, default the config's)."""
         w = self.loss_weights
         metrics = self.config.target_metrics if target_metrics is None else target_metrics
-        return (metrics or w.l1 > 0 or w.soft_ce > 0
+        return (metrics or any(getattr(w, k) > 0 for k in TARGET_TERMS if k != "bce")
                 or (self.has_confidence and w.bce > 0))
 
     def blocks(self, batch: TrainBatch) -> Blocks:
@@ -427,7 +444,7 @@ class BlockObjective(nn.Module):
         wv = w * in_vocab[valid]
         zero = logp.new_zeros(())
         ce = -(logp.gather(1, label_draft[valid].clamp(min=0)[:, None])[:, 0] * wv).sum()
-        nums = {"ce": ce, "soft_ce": zero, "l1": zero, "bce": zero}
+        nums = {**dict.fromkeys(TERMS, zero), "ce": ce}
         c_star = match = logp.new_zeros(0)
         if tgt_h is not None:
             evaluating = not torch.is_grad_enabled()
@@ -443,21 +460,35 @@ class BlockObjective(nn.Module):
                 l1 = l1 + (1 - kept.sum(-1)).clamp(min=0)  # p_t mass outside the draft vocab
             c_star = (1 - 0.5 * l1).detach().clamp(0, 1)
             nums["l1"] = (l1 * w).sum()
-            if self.loss_weights.soft_ce > 0:
-                q = kept / kept.sum(-1, keepdim=True).clamp(min=1e-30)  # renormalized over draft vocab
-                nums["soft_ce"] = (-(q * logp).sum(-1) * wv).sum()
+            nums.update(self._distill_terms(kept, logp, w, wv))
             conf = self.slot_confidence(hidden, prev)
             if conf is not None:
                 bce = F.binary_cross_entropy_with_logits(conf[valid].to(logp.dtype), c_star, reduction="none")
                 nums["bce"] = (bce * w).sum()
         return torch.stack([nums[k] for k in TERMS]), c_star, match
 
+    def _distill_terms(self, kept, logp, w, wv) -> dict[str, torch.Tensor]:
+        """soft_ce / kl / ce_argmax numerators (those with a weight) from p_t on the draft vocab
+        `kept` [n, Vd] and the draft's log-probs `logp` [n, Vd]."""
+        out, lw = {}, self.loss_weights
+        if lw.soft_ce > 0 or lw.kl > 0:
+            q = kept / kept.sum(-1, keepdim=True).clamp(min=1e-30)  # renormalized over draft vocab
+            cross = -(q * logp).sum(-1)  # [n]
+            if lw.soft_ce > 0:
+                out["soft_ce"] = (cross * wv).sum()
+            if lw.kl > 0:
+                entropy = -(q * q.clamp(min=1e-30).log()).sum(-1)  # [n], no gradient
+                out["kl"] = ((cross - entropy) * w).sum()
+        if lw.ce_argmax > 0:
+            out["ce_argmax"] = (-logp.gather(1, kept.argmax(-1, keepdim=True))[:, 0] * w).sum()
+        return out
+
     def _parts(self, nums, den, blocks: Blocks, tau, hidden, with_target: bool) -> LossParts:
         """Combine numerators into the loss and the metrics."""
         loss = hidden.sum() * 0 if hidden.requires_grad else nums.new_zeros(())  # a graph even if empty
         computed = {"ce"} | ({"l1"} if with_target else set())
-        if with_target and self.loss_weights.soft_ce > 0:
-            computed.add("soft_ce")
+        if with_target:
+            computed |= {k for k in ("soft_ce", "kl", "ce_argmax") if getattr(self.loss_weights, k) > 0}
         if with_target and self.has_confidence:
             computed.add("bce")
         for i, name in enumerate(TERMS):
@@ -507,7 +538,7 @@ class Eagle3Objective(BlockObjective):
     block anchored at i + 1 (it reads token i + 1 + s and predicts token i + 2 + s)."""
 
     anchored: ClassVar[bool] = False  # every position (anchors.all_anchors)
-    default_loss_weights: ClassVar[LossWeights] = LossWeights(ce=0.0, l1=0.0, bce=0.0, soft_ce=1.0)
+    default_loss_weights: ClassVar[LossWeights] = LossWeights(soft_ce=1.0)
 
     @property
     def block_size(self) -> int:

@@ -17,7 +17,17 @@ from pydantic import Field, field_validator
 from draftsmith.config import StrictConfig, load_config
 from draftsmith.data.conversations import DEFAULT_MAX_RECORD_CHARS
 from draftsmith.models.base import config_class, drafter_configs
+from draftsmith.train.objectives import LossWeights
 from draftsmith.utils.io import InputError
+
+
+class MixSource(StrictConfig):
+    """One more conversations JSONL trained beside `--data` (e.g. raw ShareGPT conversations,
+    whose labels a distillation loss takes from the target's p_t)."""
+
+    path: str
+    # records of this source per training record of --data (None: all of them), first in file order
+    ratio: float | None = Field(None, gt=0)
 
 
 class DataConfig(StrictConfig):
@@ -29,6 +39,11 @@ class DataConfig(StrictConfig):
     # records longer than this many characters are skipped (counted and named), never tokenized
     max_record_chars: int = Field(DEFAULT_MAX_RECORD_CHARS, ge=1)
     template_kwargs: dict[str, Any] = {}  # e.g. {enable_thinking: false}
+    # a rendered record longer than max_length: "truncate" keeps its first max_length tokens,
+    # "windows" trains on every max_length window of it (each window read from its own start)
+    long_records: Literal["truncate", "windows"] = "truncate"
+    # more sources; held-out conversations (by conversation id) are excluded from every source
+    mix: list[MixSource] = []
 
 
 class FeaturesConfig(StrictConfig):
@@ -73,6 +88,9 @@ class TrainConfig(StrictConfig):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast; auto: as features.target_dtype
     parallel: Literal["ddp", "fsdp2"] = "ddp"
     threads: int | None = Field(None, ge=1)  # torch CPU threads per process
+    # make the next step's batches on a background thread; None (auto): on GPUs only (on a CPU
+    # the thread takes cores from the step itself)
+    prefetch: bool | None = None
     time_budget_min: float | None = Field(None, gt=0)  # stop (and checkpoint) after this long
 
 
@@ -88,6 +106,13 @@ class InitConfig(StrictConfig):
     bigram_smoothing: float = Field(1.0, gt=0)  # α of the additive smoothing towards the unigram
 
 
+class LossConfig(StrictConfig):
+    # α per term (train/objectives.py: ce, l1, bce, soft_ce, kl, ce_argmax); terms not named are
+    # 0. None: the drafter's own default (DSpark 0.1 ce + 0.9 l1 + 1.0 bce, DFlash ce, Eagle3
+    # soft_ce). kl / ce_argmax distill from the target's p_t instead of the text's next token.
+    weights: LossWeights | None = None
+
+
 class Recipe(StrictConfig):
     drafter: str  # a registered drafter kind (draftsmith.drafters.REGISTRY)
     target: str = "smollm2-135m"
@@ -97,6 +122,7 @@ class Recipe(StrictConfig):
     features: FeaturesConfig = FeaturesConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
     notes: str = ""
 
     @field_validator("drafter")

@@ -24,7 +24,7 @@ DATA_FORMAT = 1
 # (its content is in the data fingerprint)
 RESUMABLE_KEYS = {
     "train.max_steps", "train.time_budget_min", "train.eval_every", "train.log_every",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.threads", "train.target_metrics_every",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.threads", "train.prefetch", "train.target_metrics_every",
     "features.cache_dir", "data.heldout", "notes",
 }
 
