@@ -52,7 +52,38 @@ def patch_leak() -> None:
     ds.DSparkModel._blocks, ds.DSparkModel.forward = leak_blocks, leak_forward
 
 
-def patch_init(init_target: bool, fc_rms: bool) -> None:
+def patch_direct() -> None:
+    """The leak without attention: slot 0's input is its anchor's own context row
+    hidden_norm(fc(features[anchor])) added to the anchor token's embedding (training forward
+    only). Isolates fc / norms / layers / head from attention's search over the context."""
+    import draftsmith.models.dspark as ds
+
+    blocks, forward, embed = ds.DSparkModel._blocks, ds.DSparkModel.forward, ds.DSparkModel.embed
+
+    def direct_blocks(self, features, input_ids, anchors, keep):
+        rows = self._leak_features.gather(1, anchors[..., None].expand(-1, -1, self._leak_features.shape[-1]))
+        self._direct = self.project_context(rows)  # [B, N, L·H] -> [B, N, H]
+        try:
+            return blocks(self, features, input_ids, anchors, keep)
+        finally:
+            self._direct = None
+
+    def direct_embed(self, ids):
+        e = embed(self, ids)
+        if getattr(self, "_direct", None) is not None and ids.dim() == 3:  # [B, N, γ] training blocks
+            e = e.clone()
+            e[..., 0, :] = e[..., 0, :] + self._direct.to(e.dtype)
+        return e
+
+    def leak_forward(self, features, *args, **kwargs):
+        self._leak_features = features
+        return forward(self, features, *args, **kwargs)
+
+    ds.DSparkModel._blocks, ds.DSparkModel.forward = direct_blocks, leak_forward
+    ds.DSparkModel.embed = direct_embed
+
+
+def patch_init(init_target: bool, fc_rms: bool, norm_from_target: bool = False) -> None:
     """Wrap train.setup.build_model with the chosen initialization."""
     import draftsmith.train.setup as setup
     from draftsmith.features.online import compute_features
@@ -73,6 +104,8 @@ def patch_init(init_target: bool, fc_rms: bool) -> None:
             m.fc.weight[:, j * H:(j + 1) * H] += torch.eye(H)
             m.hidden_norm.weight.copy_(hf.model.layers[L - n].input_layernorm.weight)
             m.norm.weight.copy_(hf.model.norm.weight)
+        if norm_from_target:  # the target's logit scale from step 0 (its final norm weight)
+            m.norm.weight.copy_(hf.model.norm.weight)
         if fc_rms:
             feats = compute_features(TargetModel(hf, ids, None), data.train[:16])
             x = torch.cat([f.features[1:].float() for f in feats])  # position 0 is a sink
@@ -90,7 +123,9 @@ def run_training(args) -> None:
 
     if args.leak:
         patch_leak()
-    patch_init(args.init_target, args.fc_rms)
+    if args.direct:
+        patch_direct()
+    patch_init(args.init_target, args.fc_rms, args.norm_from_target)
     sets = [f"data.limit={args.records}", "data.heldout_fraction=0.1", "data.max_heldout=24",
             "init.final_norm=1.0", f"train.max_steps={args.steps}", "train.eval_every=25",
             "train.checkpoint_every=100000", *args.set]
@@ -100,7 +135,7 @@ def run_training(args) -> None:
     for m in read_metrics(args.out):
         if "eval/tau_sim" in m:
             print(f"{m['step']:>4}  {m['eval/tau_sim']:.3f}   {m['eval/c_star']}")
-    print(f"{time.time() - t0:.0f} s; leak={args.leak} init_target={args.init_target} fc_rms={args.fc_rms}")
+    print(f"{time.time() - t0:.0f} s; leak={args.leak} direct={args.direct} init_target={args.init_target} fc_rms={args.fc_rms}")
 
 
 @torch.no_grad()
@@ -147,8 +182,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--probe", action="store_true", help="the linear probe instead of a training run")
     p.add_argument("--leak", action="store_true")
+    p.add_argument("--direct", action="store_true", help="slot 0 gets its anchor's context row added to its "
+                   "input (the leak without attention)")
     p.add_argument("--init-target", action="store_true")
     p.add_argument("--fc-rms", action="store_true")
+    p.add_argument("--norm-from-target", action="store_true", help="the draft's final norm weight copied "
+                   "from the target's (the target's logit scale from the first step)")
     p.add_argument("--data", default=DATA)
     p.add_argument("--records", type=int, default=224, help="records read (probe: 40 is plenty)")
     p.add_argument("--steps", type=int, default=150)

@@ -62,3 +62,28 @@ def test_bigram_init_refuses_heads_it_cannot_set():
         init_markov_from_bigrams(draft(target, markov_head_type="gated"), cyclic_samples())
     with pytest.raises(InputError, match="no supervised label pairs"):
         init_markov_from_bigrams(draft(target), [RenderedSample("x", [1, 2], [0, 0])])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
+def test_final_norm_target_takes_the_targets_logit_scale(family):
+    """init.final_norm=target: the draft's final norm computes what the target's does (Gemma's
+    norm stores w and scales by 1 + w; Llama/Qwen3 scale by w)."""
+    from draftsmith.train.dataset import TrainData
+    from draftsmith.train.recipe import Recipe
+    from draftsmith.train.setup import build_model
+
+    target = tiny_target(family)
+    with torch.no_grad():  # a non-trivial scale (random inits leave it at 1)
+        target.get_decoder().norm.weight.uniform_(0.5, 3.0)
+    model = {"mask_token_id": 5, "num_hidden_layers": 1, "target_layer_ids": [1], "block_size": 3, "markov_rank": 0,
+             "confidence_head_with_markov": False}
+    x = torch.randn(7, target.config.hidden_size)
+    data = TrainData([RenderedSample("a", [1, 2, 3], [0, 1, 1])], [])
+    want = target.get_decoder().norm(x)
+    for final_norm, same in (("target", True), (1.0, False)):  # 1.0: the negative control
+        recipe = Recipe(drafter="dspark", model=model, init={"final_norm": final_norm})
+        draft_model = build_model(recipe, target, data, None)
+        got = draft_model.norm(x)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) == same, (family, final_norm)
+    with pytest.raises(ValueError, match="final_norm"):
+        Recipe(drafter="dspark", model=model, init={"final_norm": 0})

@@ -99,7 +99,17 @@ class InitConfig(StrictConfig):
     # with tied embeddings (SmolLM2) a unit-RMS hidden that still carries its input token's
     # embedding gives that token a logit near 80 and a saturated softmax that starves the L1
     # term of gradient. A small scale starts the draft unsaturated; the norm is trained.
-    final_norm: float = Field(1.0, gt=0)
+    # "target": the target's own final-norm scale (its logit scale from the first step; context_leak's
+    # measurement in the note of issue 14: the final norm sets the draft's logit temperature, and
+    # from 0.1 or 1 Adam needs hundreds of steps to reach SmolLM2's ~1.8)
+    final_norm: float | Literal["target"] = 1.0
+
+    @field_validator("final_norm")
+    @classmethod
+    def _positive(cls, v):
+        if v != "target" and not v > 0:
+            raise ValueError(f"final_norm must be > 0 or 'target' (got {v})")
+        return v
     # DSpark's vanilla Markov head: "random" (N(0, initializer_range)) or "bigram" (the rank-r
     # factorization of the training labels' smoothed log-bigram table; train/init.py)
     markov: Literal["random", "bigram"] = "random"

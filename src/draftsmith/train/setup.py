@@ -34,6 +34,17 @@ from draftsmith.utils.paths import cache_root
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def final_norm_scale(hf_target: nn.Module) -> torch.Tensor:
+    """[H] the per-dimension scale the target's final norm applies (whatever its convention: w,
+    Gemma's 1 + w): its output on an all-ones row, whose RMS is 1."""
+    norm = hf_target.get_decoder().norm
+    weight = next(norm.parameters())
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+    ones = torch.ones(1, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return norm(ones)[0].float().cpu() * (1 + eps) ** 0.5
+
+
 def build_model(recipe: Recipe, hf_target: nn.Module, data: TrainData, init_from: str | None) -> nn.Module:
     """The draft, initialized from the target (frozen embedding / LM head copies) or from a
     draft dir (`init_from`, e.g. a DeepSpec checkpoint for continued training)."""
@@ -51,8 +62,10 @@ def build_model(recipe: Recipe, hf_target: nn.Module, data: TrainData, init_from
         data.lines.append(f"draft vocabulary: {cfg.draft_vocab_size} of {cfg.vocab_size} tokens cover "
                           f"{covered:.2%} of the training labels")
     model = model.init_from_target(hf_target, kept)
-    if recipe.init.final_norm != 1.0:
-        with torch.no_grad():
+    with torch.no_grad():
+        if recipe.init.final_norm == "target":
+            model.norm.weight.copy_(final_norm_scale(hf_target).to(model.norm.weight.dtype))
+        elif recipe.init.final_norm != 1.0:
             model.norm.weight.mul_(recipe.init.final_norm)
     if recipe.init.markov == "bigram":
         data.lines.append(init_markov_from_bigrams(model, data.train, recipe.init.bigram_smoothing))
