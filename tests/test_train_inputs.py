@@ -241,7 +241,8 @@ def test_heldout_conversations_never_reach_training_through_another_source(world
     """A held-out conversation (ShareGPT ids `<conv>_<part>`) is excluded from --data's other
     parts and from every mix source, with a held-out file and with the hash split alike."""
     from draftsmith.targets.model import load_tokenizer
-    from draftsmith.train.dataset import conversation_key, prepare_data
+    from draftsmith.data.sources import sharegpt_conversation as conversation_key
+    from draftsmith.train.dataset import prepare_data
 
     tok = load_tokenizer(str(world["llama"]))
     main = _write(tmp_path / "regen.jsonl", [_conv(f"c{i}_0") for i in range(40)])

@@ -39,18 +39,12 @@ def _render(tokenizer, records: list[dict], cfg: DataConfig, what: str,
     return kept, stats
 
 
-def conversation_key(record_id: str) -> str:
-    """The conversation a record belongs to (ShareGPT's `<conversation>_<part>` ids share one):
-    what the held-out split keeps out of every training source."""
-    return sharegpt_conversation(record_id)
-
-
 def _mix_records(cfg: DataConfig, n_main: int, held_keys: set[str]) -> tuple[list[dict], list[str]]:
     """The records of `cfg.mix`, held-out conversations removed, ids prefixed `mix<i>:`."""
     out, lines = [], []
     for i, src in enumerate(cfg.mix):
         records, notes = _read(src.path)
-        kept = [r for r in records if conversation_key(str(r["id"])) not in held_keys]
+        kept = [r for r in records if sharegpt_conversation(str(r["id"])) not in held_keys]
         excluded = len(records) - len(kept)
         if src.ratio is not None:
             kept = kept[: round(src.ratio * n_main)]
@@ -63,16 +57,17 @@ def _mix_records(cfg: DataConfig, n_main: int, held_keys: set[str]) -> tuple[lis
 def prepare_data(data_path: str, tokenizer, cfg: DataConfig) -> TrainData:
     """Render the training file (and `cfg.mix`); split off held-out records by id hash (or read
     `cfg.heldout`). No held-out conversation reaches training through any source: records whose
-    conversation (`conversation_key`) is held out are removed from --data and every mix source."""
+    conversation (`sharegpt_conversation`: `<conversation>_<part>` ids share one) is held out
+    are removed from --data and every mix source."""
     records, notes = _read(data_path, cfg.limit)
     if cfg.heldout:
         held_records, held_notes = _read(cfg.heldout)
         notes += held_notes
     else:
         held_records = [r for r in records if is_heldout(str(r["id"]), cfg.heldout_fraction)]
-    held_keys = {conversation_key(str(r["id"])) for r in held_records}
+    held_keys = {sharegpt_conversation(str(r["id"])) for r in held_records}
     n_before = len(records)
-    records = [r for r in records if conversation_key(str(r["id"])) not in held_keys]
+    records = [r for r in records if sharegpt_conversation(str(r["id"])) not in held_keys]
     shared = n_before - len(records) - (0 if cfg.heldout else len(held_records))
     mixed, mix_lines = _mix_records(cfg, len(records), held_keys)
     records += mixed

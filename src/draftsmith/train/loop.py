@@ -498,9 +498,7 @@ def build_trainer(recipe: Recipe, s: Setup, info: DistInfo, build_objective: Obj
     takes cores from the step itself (2-core AMD EPYC, bench/train_bench.py: no gain, ~170 MiB
     more peak memory)."""
     if prefetch is None:
-        prefetch = recipe.train.prefetch
-    if prefetch is None:
-        prefetch = info.device.type == "cuda"
+        prefetch = recipe.train.prefetch if recipe.train.prefetch is not None else info.device.type == "cuda"
     config = ObjectiveConfig(chunk_size=recipe.train.loss_chunk, recompute=recipe.train.recompute,
                              loss_weights=recipe.loss.weights)
     objective = build_objective(s.model, s.target.logits, config)

@@ -79,7 +79,7 @@ TERMS = ("ce", "soft_ce", "l1", "bce", "kl", "ce_argmax")
 # the draft vocabulary
 TERM_DENOMINATOR = {"ce": "vocab", "soft_ce": "vocab", "l1": "slots", "bce": "slots", "kl": "slots",
                     "ce_argmax": "slots"}
-TARGET_TERMS = ("soft_ce", "l1", "bce", "kl", "ce_argmax")  # terms computed from p_t
+DISTILL_TERMS = ("soft_ce", "kl", "ce_argmax")  # computed from p_t when weighted (`_distill_terms`)
 
 
 class LossWeights(StrictConfig):
@@ -375,7 +375,7 @@ class BlockObjective(nn.Module):
         (`target_metrics`, default the config's)."""
         w = self.loss_weights
         metrics = self.config.target_metrics if target_metrics is None else target_metrics
-        return (metrics or any(getattr(w, k) > 0 for k in TARGET_TERMS if k != "bce")
+        return (metrics or w.l1 > 0 or any(getattr(w, k) > 0 for k in DISTILL_TERMS)
                 or (self.has_confidence and w.bce > 0))
 
     def blocks(self, batch: TrainBatch) -> Blocks:
@@ -488,7 +488,7 @@ class BlockObjective(nn.Module):
         loss = hidden.sum() * 0 if hidden.requires_grad else nums.new_zeros(())  # a graph even if empty
         computed = {"ce"} | ({"l1"} if with_target else set())
         if with_target:
-            computed |= {k for k in ("soft_ce", "kl", "ce_argmax") if getattr(self.loss_weights, k) > 0}
+            computed |= {k for k in DISTILL_TERMS if getattr(self.loss_weights, k) > 0}
         if with_target and self.has_confidence:
             computed.add("bce")
         for i, name in enumerate(TERMS):
