@@ -11,7 +11,8 @@
    loop's own `Trainer.train_step` (built by `loop.build_trainer`), timed through its lap hook with the device synchronized between phases: target features,
    collate (host copies, anchors), draft forward + loss, backward, optimizer (clip, AdamW,
    schedule). Warm-up steps excluded; peak = torch.cuda.max_memory_allocated (CPU: peak RSS).
-3. lossless: greedy speculative output (SpecEngine; random DSpark and Eagle3 drafts, an oracle)
+3. lossless: greedy speculative output (SpecEngine; random DSpark and Eagle3 drafts, an oracle, and
+   DSpark again with the target's static KV cache and torch.compile)
    equals target-only greedy output (HF generate) token for token, fp32 with TF32 off.
 
 `--device cpu` runs it all at toy size. A time guard splits the 8-minute budget between the
@@ -280,15 +281,19 @@ def top2_gap(hf, tokens: list[int]) -> float:
 
 
 def lossless_proposers(hf, refs: list[list[int]], plan: Plan, seed: int = 1):
-    """(name, proposer): random DSpark and Eagle3 drafts, and an oracle of the reference."""
+    """(name, proposer, engine options): random DSpark and Eagle3 drafts, an oracle of the
+    reference, and the DSpark draft again with the target's static KV cache and torch.compile
+    (compile is a logged no-op off CUDA)."""
     V, k = hf.config.vocab_size, plan.draft_tokens
     torch.manual_seed(seed)
     cfg = DSparkConfig.from_target(hf.config, mask_token_id=V - 1, num_hidden_layers=2, markov_rank=8,
                                    target_layer_ids=LOSSLESS_LAYERS, block_size=k)
-    yield "dspark", DSparkProposer(build_draft(cfg).init_from_target(hf).float().to(hf.device))
+    dspark = build_draft(cfg).init_from_target(hf).float().to(hf.device)
+    yield "dspark", DSparkProposer(dspark), {}
     cfg = Eagle3Config.from_target(hf.config, target_layer_ids=LOSSLESS_LAYERS)
-    yield "eagle3", Eagle3Proposer(build_draft(cfg).init_from_target(hf).float().to(hf.device), num_tokens=k)
-    yield "oracle", OracleProposer(refs, num_tokens=k)
+    yield "eagle3", Eagle3Proposer(build_draft(cfg).init_from_target(hf).float().to(hf.device), num_tokens=k), {}
+    yield "oracle", OracleProposer(refs, num_tokens=k), {}
+    yield "dspark, static KV + compile", DSparkProposer(dspark), {"static_kv": True, "compile": True}
 
 
 def lossless_section(plan: Plan, device: torch.device, deadline: float, clock: Clock) -> list[dict]:
@@ -299,14 +304,14 @@ def lossless_section(plan: Plan, device: torch.device, deadline: float, clock: C
     prompts = [torch.randint(0, hf.config.vocab_size - 1, (n,), generator=g, device="cpu").tolist()
                for n in plan.prompt_lengths]
     refs, target, rows = greedy_reference(hf, prompts, plan.new_tokens), TargetModel(hf, LOSSLESS_LAYERS), []
-    for name, proposer in lossless_proposers(hf, refs, plan):
+    for name, proposer, options in lossless_proposers(hf, refs, plan):
         row = {"draft": name, "prompts": len(prompts), "new_tokens": plan.new_tokens, "status": "pass"}
         rows.append(row)
         if time.perf_counter() >= deadline:
             clock.notes.append(f"lossless {name}: skipped by the time guard")
             row["status"] = "skipped (time guard)"
             continue
-        run = SpecEngine(target, proposer).start(prompts, plan.new_tokens)
+        run = SpecEngine(target, proposer, **options).start(prompts, plan.new_tokens)
         while not run.done and time.perf_counter() < deadline:
             run.step()
         out = run.result()

@@ -261,12 +261,13 @@ def _fresh_keys(tm, seq, layer):
     return cache.layers[layer].keys[0]
 
 
+@pytest.mark.parametrize("static_kv", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("kind", ["noisy-oracle", "dspark"])
-def test_rollback_keeps_exactly_the_committed_positions(kind):
+def test_rollback_keeps_exactly_the_committed_positions(kind, static_kv):
     hf = target("gemma")
     refs = hf_greedy(hf, PROMPTS)
     proposer = NoisyOracle(refs) if kind == "noisy-oracle" else make_proposer("dspark", hf, refs)
-    eng = engine(hf, proposer)
+    eng = engine(hf, proposer, static_kv=static_kv)
     run, tm = eng.start(PROMPTS, NEW), TargetModel(hf, [])
     saw_ragged = False
     while not run.done:
@@ -275,14 +276,74 @@ def test_rollback_keeps_exactly_the_committed_positions(kind):
         committed = [len(s) - 1 for s in run.state.seqs]  # the last token has no KV yet
         assert run.kv.lengths().tolist() == committed
         assert run.kv.physical_length == max(committed, default=0)
+        T = run.kv.physical_length
         for i, seq in enumerate(run.state.seqs):
             pad = int(run.kv.pad[i])
             for layer in (0, 3):
-                got = run.kv.cache.layers[layer].keys[i, :, pad:]
+                got = run.kv.cache.layers[layer].keys[i, :, pad:T]
                 torch.testing.assert_close(got, _fresh_keys(tm, seq[:-1], layer), rtol=0, atol=1e-10)
         if kind == "dspark":
             assert proposer.cache.row_lengths.tolist() == committed
     assert saw_ragged and run.result().outputs == refs
+
+
+# --------------------------------------------------------------------------- static target KV
+
+
+def _static_layers(run):
+    from transformers.cache_utils import StaticLayer
+
+    layers = run.kv.cache.layers
+    assert all(type(layer) is StaticLayer for layer in layers)
+    return layers
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma"])
+@pytest.mark.parametrize("kind", ["dspark", "eagle3", "ngram"])
+def test_static_target_cache_is_lossless_and_written_in_place(family, kind):
+    """Greedy output equals target-only greedy with the target's KV in fixed buffers, and the
+    buffers keep their shape and address while no row leaves the batch."""
+    hf = target(family)
+    refs = hf_greedy(hf, PROMPTS)
+    run = engine(hf, make_proposer(kind, hf, refs), static_kv=True).start(PROMPTS, NEW)
+    layer = _static_layers(run)[0]
+    shape, ptr, rounds_in_place = layer.keys.shape, layer.keys.data_ptr(), 0
+    while not run.done:
+        batch = run.state.batch_size
+        run.step()
+        if run.state.batch_size == batch:  # no row left: same buffer, same shape
+            assert (layer.keys.shape, layer.keys.data_ptr()) == (shape, ptr)
+            rounds_in_place += 1
+        shape, ptr = layer.keys.shape, layer.keys.data_ptr()
+    assert rounds_in_place > 3 and shape[2] == run.kv.capacity
+    assert run.result().outputs == refs
+
+
+def test_static_target_cache_grows_when_its_capacity_is_short(monkeypatch, caplog):
+    import draftsmith.decoding.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "STATIC_KV_SLACK", -NEW + 2)  # capacity: prompt + 2
+    hf = target()
+    refs = hf_greedy(hf, PROMPTS)
+    with caplog.at_level("INFO", logger="draftsmith.decoding.kv"):
+        run = engine(hf, make_proposer("dspark", hf, refs), static_kv=True).start(PROMPTS, NEW)
+        start = run.kv.capacity
+        while not run.done:
+            run.step()
+    assert run.result().outputs == refs
+    assert run.kv.capacity > start and "capacity" in caplog.text
+
+
+def test_negative_control_a_static_cache_that_skips_the_realignment_is_caught(monkeypatch):
+    """The equality above can fail: a static cache that moved its rows' pads but not their
+    entries (ragged rounds) changes the output."""
+    from draftsmith.decoding.kv import StaticTargetKV
+
+    monkeypatch.setattr(StaticTargetKV, "_realign", lambda self, shift, length: self._set_length(length))
+    hf = target()
+    refs = hf_greedy(hf, PROMPTS)
+    out = engine(hf, make_proposer("dspark", hf, refs), static_kv=True).generate(PROMPTS, NEW)
+    assert out.outputs != refs
 
 
 # --------------------------------------------------------------------------- sampling

@@ -301,6 +301,22 @@ def test_eval_command_end_to_end(world, eval_dir, tmp_path):
         assert f"**{name}**" in report
 
 
+def test_eval_static_kv_decodes_through_the_static_cache_losslessly(world, eval_dir, tmp_path, monkeypatch):
+    from draftsmith.decoding.kv import StaticTargetKV
+
+    calls = []
+    left_pad = StaticTargetKV.left_pad.__func__
+    monkeypatch.setattr(StaticTargetKV, "left_pad",
+                        classmethod(lambda cls, *a, **k: calls.append(1) or left_pad(cls, *a, **k)))
+    out = tmp_path / "out"
+    assert commands.run(eval_args(world, eval_dir, out, "--max-samples", "1", "--static-kv")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert calls  # every decoder's runs went through the static cache
+    for name, entry in m["drafts"].items():
+        if name != "plain":
+            assert entry["overall"]["mismatches"] == 0 and entry["overall"]["compared"] > 0, name
+
+
 def test_eval_command_errors(world, eval_dir, tmp_path):
     with pytest.raises(InputError, match="unknown baseline"):
         commands.run(eval_args(world, eval_dir, tmp_path / "o", "--baselines", "medusa"))

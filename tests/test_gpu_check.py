@@ -54,9 +54,9 @@ def test_cpu_run_reports_every_section(tmp_path):
         assert sum(r["phases_ms"].values()) <= 1e3 * r["s_per_step"] * 1.01  # phases fit in the step
         assert f"| {r['drafter']} | {r['γ']} | 2 | 48 × 2 |" in text
     rows = {r["draft"]: r for r in rep["lossless"]}
-    assert set(rows) == {"dspark", "eagle3", "oracle"}
+    assert set(rows) == {"dspark", "eagle3", "oracle", "dspark, static KV + compile"}
     assert all(r["status"] == "pass" for r in rows.values())
-    for name in ("dspark", "eagle3"):  # both the accept and the reject paths ran
+    for name in ("dspark", "eagle3", "dspark, static KV + compile"):  # the accept and reject paths ran
         assert rows[name]["accepted"] > 0 and rows[name]["rejected"] > 0
         assert f"| {name} | 3 × 24 |" in text
 
@@ -86,6 +86,7 @@ def test_lossless_section_catches_a_lossy_engine(monkeypatch):
     rows = {r["draft"]: r for r in gpu_check.lossless_section(plan, CPU, time.perf_counter() + 600,
                                                               gpu_check.Clock(600))}
     assert rows["dspark"]["status"] == rows["eagle3"]["status"] == "MISMATCH"
+    assert rows["dspark, static KV + compile"]["status"] == "MISMATCH"
     bad = rows["dspark"]["mismatch"]
     assert bad["want"] != bad["got"] and bad["target_top2_gap"] > 0
     assert rows["oracle"]["status"] == "pass"

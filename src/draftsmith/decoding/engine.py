@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from draftsmith.decoding.kv import TargetKV
+from draftsmith.decoding.kv import StaticTargetKV, TargetKV
 from draftsmith.decoding.proposers import DecodeState, OracleProposer, PlainProposer, Proposal, Proposer
 from draftsmith.decoding.sampling import (
     SamplingConfig,
@@ -134,12 +134,14 @@ class SpecEngine:
     proposal -> lengths [B] (`decoding.truncate`). eos_token_ids: ids that end a row. compile:
     run the target's forward through `torch.compile` (dynamic shapes) on CUDA; elsewhere a
     no-op, said in one log line. The same kernels' math, so outputs are unchanged up to the
-    compiler's float reassociation (greedy ties aside).
+    compiler's float reassociation (greedy ties aside). static_kv: keep the target's KV in
+    fixed-capacity buffers updated in place (`decoding.kv.StaticTargetKV`: one key shape per
+    forward, stable addresses for the compiler); any device, same tokens.
     """
 
     def __init__(self, target, proposer: Proposer, sampling: SamplingConfig | None = None,
                  truncate: TruncationRule | None = None, eos_token_ids: Iterable[int] = (),
-                 pad_token_id: int = 0, compile: bool = False):
+                 pad_token_id: int = 0, compile: bool = False, static_kv: bool = False):
         if proposer.uses_features and list(target.layer_ids) != list(proposer.target_layer_ids):
             raise ValueError(f"the target taps layers {list(target.layer_ids)} but the "
                              f"{proposer.name} draft reads {proposer.target_layer_ids}: build the "
@@ -149,6 +151,7 @@ class SpecEngine:
         self.truncate = truncate or KeepAll()
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.pad_token_id = pad_token_id
+        self.static_kv = static_kv
         self.forward = self._compiled_target() if compile else target
 
     def _compiled_target(self):
@@ -181,7 +184,8 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-CUTS = ("", "eos", "length")  # cut / finish codes of the device commit: 0, 1, 2
+CUTS = ("", "eos", "length")
+STATIC_KV_SLACK = 32  # capacity beyond prompt + max_new_tokens: the widest verify window expected  # cut / finish codes of the device commit: 0, 1, 2
 
 
 class DecodeRun:
@@ -206,7 +210,7 @@ class DecodeRun:
         self.finish = [""] * len(prompts)
         self.rounds: list[RoundRecord] = []
         t0 = _now(dev)
-        self._prefill(prompts)
+        self._prefill(prompts, max_new_tokens)
         self.prefill_s, self.decode_s = _now(dev) - t0, 0.0
 
     @property
@@ -220,9 +224,14 @@ class DecodeRun:
         return sample(probabilities(logits, self.engine.sampling), self.state.generator)
 
     @torch.no_grad()
-    def _prefill(self, prompts: list[list[int]]) -> None:
+    def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         eng, dev = self.engine, self.state.device
-        ids, mask, pos, self.kv = TargetKV.left_pad(prompts, eng.pad_token_id, dev)
+        if eng.static_kv:  # every row's prompt, its new tokens and one verify window (grows if short)
+            capacity = max(len(p) for p in prompts) + max_new_tokens + STATIC_KV_SLACK
+            ids, mask, pos, self.kv = StaticTargetKV.left_pad(
+                prompts, eng.pad_token_id, dev, num_layers=eng.target.config.num_hidden_layers, capacity=capacity)
+        else:
+            ids, mask, pos, self.kv = TargetKV.left_pad(prompts, eng.pad_token_id, dev)
         out = eng.forward(ids, attention_mask=mask, position_ids=pos, cache=self.kv.cache, use_cache=True)
         first = self._draw(eng.target.logits(out.hidden[:, -1]))  # [B, H] -> [B, V] -> [B]
         appended, _, fin = self._commit(first[:, None], torch.ones_like(first))

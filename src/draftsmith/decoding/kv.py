@@ -9,6 +9,15 @@ forward, `keep(n)` keeps the first n[r] new entries of each row (rolling back th
 and re-aligns the rows to the right with one gather per layer; columns that are padding in every
 row are dropped, so T stays max(row length).
 
+`StaticTargetKV`: the same layout in preallocated buffers of a fixed capacity (HF `StaticLayer`s,
+written in place at their cumulative length; the attention mask spans the whole capacity, and
+the causal mask on physical positions keeps the unused tail out, since every forward writes its
+entries before any query can reach them). Every forward then sees keys of one shape and the buffers keep their
+addresses, which is what `torch.compile` (and CUDA graphs) need; `keep` re-aligns rows in place.
+The physical length is counted on the host (`inputs` advances it by the tokens the next forward
+appends), so no shape needs a device read. A capacity that would overflow grows by doubling (a
+new allocation, logged), so a wrong estimate costs a recompile, never a wrong result.
+
 `RaggedKVCache`: the draft's per-layer context K/V with one committed length per row. Entry t of
 row r is that row's position t (no padding); entries at or past a row's length are stale and must
 be masked by the reader (DSpark masks context positions >= the anchor, and the anchor of row r is
@@ -21,7 +30,11 @@ device -> host read.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class TargetKV:
@@ -96,11 +109,20 @@ class TargetKV:
             return
         shift = end - T_old - keep  # [B], the device twin of shift_host
         self.pad = self.pad + shift - trim
-        src = torch.arange(T_new, device=keep.device)[None, :] + trim - shift[:, None]  # [B, T_new]
-        src = src.clamp(min=0)  # padding slots read some valid index; masked anyway
+        self._realign(shift - trim, T_new)
+
+    def _gather_index(self, shift: torch.Tensor, width: int) -> torch.Tensor:
+        """[B, width] source column of each new column when row r moves right by shift[r]
+        (negative: left); padding columns read some valid index and stay masked."""
+        src = torch.arange(width, device=shift.device)[None, :] - shift[:, None]  # [B, width]
+        return src.clamp(0, self.physical_length - 1)
+
+    def _realign(self, shift: torch.Tensor, length: int) -> None:
+        """Move row r right by shift[r] columns and keep the first `length` columns."""
+        src = self._gather_index(shift, length)
         for layer in self._layers():
             B, g, _, d = layer.keys.shape
-            index = src[:, None, :, None].expand(B, g, T_new, d)  # [B, T_new] -> [B, g, T_new, d]
+            index = src[:, None, :, None].expand(B, g, length, d)  # [B, T_new] -> [B, g, T_new, d]
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index)
 
@@ -121,6 +143,105 @@ class TargetKV:
         trim = min(pad_host, default=0)
         self.pad, self.pad_host = self.pad[rows] - trim, [p - trim for p in pad_host]
         self._crop_left_right(trim, self.physical_length - trim)
+
+
+class StaticTargetKV(TargetKV):
+    """`TargetKV` in fixed-capacity buffers written in place (module docstring)."""
+
+    def __init__(self, cache, pad: torch.Tensor, pad_host: list[int], capacity: int):
+        super().__init__(cache, pad, pad_host)
+        self.capacity = capacity
+        self.length_host = 0  # physical entries, counted on the host
+
+    @classmethod
+    def empty(cls, pad: list[int], device=None, *, num_layers: int = 0, capacity: int = 0) -> StaticTargetKV:
+        from transformers.cache_utils import Cache, StaticLayer
+
+        if num_layers < 1 or capacity < 1:
+            raise ValueError(f"a static target cache needs num_layers and capacity >= 1 (got "
+                             f"{num_layers}, {capacity})")
+        cache = Cache(layers=[StaticLayer(capacity) for _ in range(num_layers)])
+        return cls(cache, torch.tensor(pad, dtype=torch.long, device=device), pad, capacity)
+
+    @classmethod
+    def left_pad(cls, prompts: list[list[int]], pad_id: int, device=None, *, num_layers: int = 0,
+                 capacity: int = 0):
+        """As `TargetKV.left_pad`, the mask spanning the capacity ([B, capacity])."""
+        P = max(len(p) for p in prompts)
+        kv = cls.empty([P - len(p) for p in prompts], device, num_layers=num_layers, capacity=max(capacity, P))
+        mask, _ = kv.inputs(P)
+        positions = (torch.arange(P, device=device)[None, :] - kv.pad[:, None]).clamp(min=0)  # [B, P]
+        ids = torch.tensor([[pad_id] * n + list(p) for n, p in zip(kv.pad_host, prompts)], dtype=torch.long)
+        return ids.to(device), mask, positions, kv
+
+    @property
+    def physical_length(self) -> int:
+        return self.length_host
+
+    def _layers(self):
+        yield from self.cache.layers
+
+    def inputs(self, num_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask [B, capacity] (real entries of the cached rows and the new ones) and position ids
+        [B, num_new]; the host length advances by num_new, which the next forward appends."""
+        T, dev = self.length_host, self.pad.device
+        if T + num_new > self.capacity:
+            self._grow(max(2 * self.capacity, T + num_new))
+        col = torch.arange(self.capacity, device=dev)[None, :]  # [1, C]
+        mask = (col >= self.pad[:, None]) & (col < T + num_new)  # [B, C]
+        positions = (T - self.pad)[:, None] + torch.arange(num_new, device=dev)  # [B, n]
+        self.length_host = T + num_new
+        return mask.long(), positions
+
+    def _grow(self, capacity: int) -> None:
+        log.info("static target cache: %d entries needed, capacity %d -> %d (new buffers)",
+                 self.length_host, self.capacity, capacity)
+        for layer in self._layers():
+            layer.max_cache_len = capacity
+            if layer.is_initialized:
+                for name in ("keys", "values"):
+                    old = getattr(layer, name)
+                    new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])  # [B, g, C', d]
+                    new[:, :, :old.shape[2]] = old
+                    setattr(layer, name, new)
+        self.capacity = capacity
+
+    def _set_length(self, length: int) -> None:
+        self.length_host = length
+        for layer in self._layers():
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(length)
+
+    def _realign(self, shift: torch.Tensor, length: int) -> None:
+        """In place over the whole capacity: the buffers keep their addresses."""
+        src = self._gather_index(shift, self.capacity)
+        for layer in self._layers():
+            B, g, C, d = layer.keys.shape
+            index = src[:, None, :, None].expand(B, g, C, d)  # [B, C] -> [B, g, C, d]
+            layer.keys.copy_(layer.keys.gather(2, index))
+            layer.values.copy_(layer.values.gather(2, index))
+        self._set_length(length)
+
+    def _crop_left_right(self, start: int, length: int) -> None:
+        if start:
+            self._realign(torch.full_like(self.pad, -start), length)
+        else:
+            self._set_length(length)
+
+    def select(self, rows: torch.Tensor, rows_host: list[int] | None = None) -> None:
+        rows_host = rows.tolist() if rows_host is None else rows_host
+        for layer in self._layers():
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+                layer.batch_size = len(rows_host)
+        pad_host = [self.pad_host[i] for i in rows_host]
+        trim = min(pad_host, default=0)
+        self.pad, self.pad_host = self.pad[rows], pad_host
+        if not rows_host:
+            self._set_length(0)
+        elif trim:
+            self.pad, self.pad_host = self.pad - trim, [p - trim for p in pad_host]
+            self._crop_left_right(trim, self.length_host - trim)
 
 
 class RaggedKVCache:

@@ -73,6 +73,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the target's forward (CUDA only; a logged no-op on CPU)")
+    p.add_argument("--static-kv", action="store_true",
+                   help="the target's KV cache in fixed-capacity buffers written in place (one key shape "
+                        "per forward; pairs with --compile on CUDA; same tokens)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -123,7 +126,8 @@ def check_sampling_args(args) -> SamplingConfig:
 def sampling_settings(args, stop_ids: list[int], pad_id: int) -> Settings:
     """Settings from the flags, validated (`check_sampling_args`)."""
     return Settings(args.max_new_tokens, check_sampling_args(args), stop_ids, pad_id, args.seed,
-                    args.batch_size, args.num_draft_tokens, args.truncate, args.compile)
+                    args.batch_size, args.num_draft_tokens, args.truncate, args.compile,
+                    args.static_kv)
 
 
 def load_datasets(args) -> list[EvalDataset]:

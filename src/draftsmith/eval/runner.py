@@ -76,6 +76,7 @@ class Settings:
     num_draft_tokens: int = 7  # n-gram and EAGLE-3 draft lengths (DSpark/DFlash: the block size)
     truncate: str = "none"  # "none" | "p-min=P" | "survival=THRESHOLD" (confidence-head drafts)
     compile: bool = False  # torch.compile the target's forward (CUDA only; a logged no-op elsewhere)
+    static_kv: bool = False  # the target's KV in fixed-capacity buffers (decoding.kv.StaticTargetKV)
 
     @property
     def compare(self) -> bool:
@@ -168,7 +169,7 @@ def build_decoders(hf_model, drafts: dict[str, str], baselines: list[str], setti
     def engine(proposer, truncate=None) -> SpecEngine:
         return SpecEngine(target_for(proposer.target_layer_ids), proposer, settings.sampling, truncate,
                           eos_token_ids=settings.stop_ids, pad_token_id=settings.pad_id,
-                          compile=settings.compile)
+                          compile=settings.compile, static_kv=settings.static_kv)
 
     decoders = [Decoder(PLAIN, PLAIN, engine(PlainProposer()))]
     for b in baselines:
