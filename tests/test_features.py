@@ -278,6 +278,34 @@ def test_rebuild_with_other_settings_refuses(tmp_path):
         build_cache(target, samples, other, progress=False)
 
 
+def test_top_k_cache_stores_the_targets_most_likely_tokens(tmp_path):
+    """features.top_k: the cache keeps p_t's top k at every supervised position (what the
+    target's own head gives), zeros elsewhere; another k or none refuses to resume; k outside
+    1..V is refused before anything is computed."""
+    target, samples = make_target(), make_samples(12)
+    build_cache(target, samples, tmp_path, dtype="bf16", shard_tokens=100, progress=False, top_k=5)
+    cache = FeatureCache.open(tmp_path, expect_target=target)
+    assert cache.top_k == 5 and cache.manifest["top_k"] == 5
+    for i, ref in enumerate(compute_features(target, samples)):
+        got = cache[i]
+        p_t = torch.softmax(target.logits(ref.hidden[ref.hidden_mask]).float(), -1)  # [N, V]
+        top = p_t.topk(5, dim=-1)
+        assert torch.equal(got.topk_ids[got.hidden_mask], top.indices)
+        torch.testing.assert_close(got.topk_probs[got.hidden_mask], top.values, rtol=1e-6, atol=1e-7)
+        assert not got.topk_probs[~got.hidden_mask].any()
+    with pytest.raises(FeatureCacheError, match=r"top_k: 5 in the cache, 7 now"):
+        build_cache(target, samples, tmp_path, dtype="bf16", shard_tokens=100, progress=False, top_k=7)
+    with pytest.raises(FeatureCacheError, match=r"top_k: 5 in the cache, None now"):
+        build_cache(target, samples, tmp_path, dtype="bf16", shard_tokens=100, progress=False)
+    for k in (0, 97):
+        with pytest.raises(InputError, match=rf"top_k {k}: must lie in 1..96"):
+            build_cache(target, samples, tmp_path / f"k{k}", progress=False, top_k=k)
+    assert not (tmp_path / "k97").exists()
+    plain = tmp_path / "plain"
+    build_cache(target, samples[:3], plain, dtype="bf16", progress=False)
+    assert FeatureCache.open(plain).top_k is None and FeatureCache.open(plain)[0].topk_ids is None
+
+
 # ---- validation on open ------------------------------------------------------------------------
 
 @pytest.fixture

@@ -275,6 +275,43 @@ def test_chunking_and_recompute_do_not_change_loss_or_gradients(target64, data64
 # --------------------------------------------------------------------------- pruned vocabulary
 
 
+def with_top_k(batch, head, k, shuffle=False):
+    """The batch as a top-k cache gives it: p_t's k most likely tokens and their probabilities."""
+    top = torch.softmax(head(batch.target_hidden), -1).topk(k, dim=-1)  # [B, S, k]
+    ids = top.indices.roll(1, dims=-1) if shuffle else top.indices  # shuffle: a broken pairing
+    return replace(batch, target_topk_ids=ids, target_topk_probs=top.values)
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["full-vocab", "pruned"])
+@pytest.mark.parametrize("drafter", ["dspark", "eagle3"])
+def test_top_k_p_t_matches_exact_p_t_within_the_mass_beyond_k(target64, data64, drafter, pruned):
+    """Training from the top-k cache: with k = V every term equals the exact p_t's (1e-9); with
+    k = 8 L1 moves by at most twice the mass beyond the top k; evaluation (no grad) ignores the
+    top k. Negative control: ids paired with the wrong probabilities move the terms a million times
+    past the equality's tolerance."""
+    kw = {"kept_ids": torch.arange(0, 96, 2), "draft_vocab_size": 48} if pruned else {}
+    model = perturb((dspark_model if drafter == "dspark" else eagle3_model)(target64, **kw)).double()
+    lm_head = target_head_from(target64.get_output_embeddings())
+    head = lambda h: 10 * lm_head(h)  # noqa: E731  a peaked p_t (a random target's is near uniform)
+    obj = build_objective(model, head, ObjectiveConfig(
+        loss_weights=LossWeights(ce=1, l1=1, soft_ce=1, kl=1, ce_argmax=1)))
+    exact = obj(data64).sums
+    full = obj(with_top_k(data64, head, 96)).sums
+    assert set(full) == set(exact) and {"l1", "kl", "soft_ce", "ce_argmax"} <= set(full)
+    for name in exact:
+        torch.testing.assert_close(full[name], exact[name], rtol=1e-9, atol=1e-9, msg=name)
+    blocks = obj.blocks(data64)
+    n = float(obj.slot_weights().expand_as(blocks.valid)[blocks.valid].sum())  # Σ w over slots
+    top8 = with_top_k(data64, head, 8)
+    beyond = float((1 - top8.target_topk_probs.sum(-1))[data64.loss_mask.roll(-1, 1) > 0].max())
+    moved = abs(float(obj(top8).sums["l1"] - exact["l1"]))
+    assert 0 < moved <= 2 * beyond * n
+    wrong = obj(with_top_k(data64, head, 96, shuffle=True)).sums
+    assert max(abs(float(wrong[k] / exact[k] - 1)) for k in ("l1", "kl", "ce_argmax")) > 1e-3
+    with torch.no_grad():  # evaluation: exact p_t from the hidden, whatever the batch carries
+        torch.testing.assert_close(obj(top8).tau.sums(), obj(data64).tau.sums(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("drafter", ["dspark", "eagle3"])
 def test_pruned_vocab_masks_labels_and_uses_the_full_vocabulary_l1(target64, data64, drafter):
     kept = torch.arange(0, 96, 2)  # even ids only: about half the labels fall outside

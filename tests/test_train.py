@@ -14,7 +14,7 @@ import torch
 
 from draftsmith.train.metrics import read_metrics
 from draftsmith.utils.io import InputError
-from train_fixtures import make_data, make_recipe, make_target_dir
+from train_fixtures import VOCAB, make_data, make_recipe, make_target_dir
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,33 @@ def test_fp32_cache_gives_the_online_loss(world, tmp_path):
     assert (tmp_path / "cache" / "manifest.json").is_file()
     # bitwise: one process, the same threads, and an fp32 cache holds the online features bit for bit
     assert losses(tmp_path / "online") == losses(tmp_path / "cached")
+
+
+def test_top_k_cache_trains_and_evaluates_on_the_exact_p_t(world, tmp_path):
+    """features.top_k: training reads p_t from the cache's top k (k = V gives the exact run's
+    losses and held-out τ_sim; k = 4 other losses); held-out eval reads the exact p_t whatever k
+    (test_objectives); a recipe asking for top-k refuses a cache without it and online features."""
+    from draftsmith.drafters import train
+    from draftsmith.train.recipe import load_recipe
+
+    r = make_recipe(tmp_path / "r.yaml", world["llama"], "dspark", train={"max_steps": 4, "eval_every": 2})
+    cache = lambda name, *more: ["features.mode=cache", f"features.cache_dir={tmp_path / name}", *more]  # noqa: E731
+    runs = {"exact": cache("c0"), "kV": cache("cV", f"features.top_k={VOCAB}"), "k4": cache("c4", "features.top_k=4")}
+    for name, sets in runs.items():
+        train(load_recipe(str(r), sets), str(world["data"]), tmp_path / name, progress=False)
+    exact, kV, k4 = (read_metrics(tmp_path / n) for n in runs)
+    train_l1 = lambda ms: [m["train/l1"] for m in ms if "train/l1" in m]  # noqa: E731
+    assert train_l1(kV) == pytest.approx(train_l1(exact), rel=1e-5)
+    assert train_l1(k4) != pytest.approx(train_l1(exact), rel=1e-3)  # k = 4: a different p_t
+    evals = lambda ms: [m["eval/tau_sim"] for m in ms if "eval/tau_sim" in m]  # noqa: E731
+    assert len(evals(kV)) == 2 and evals(kV) == pytest.approx(evals(exact), rel=1e-5)
+    with pytest.raises(InputError, match="holds no top-k p_t; features.top_k is 4"):
+        train(load_recipe(str(r), cache("c0", "features.top_k=4")), str(world["data"]), tmp_path / "x", progress=False)
+    with pytest.raises(InputError, match="features.top_k stores p_t in a feature cache"):
+        train(load_recipe(str(r), ["features.top_k=4"]), str(world["data"]), tmp_path / "y", progress=False)
+    with pytest.raises(InputError, match=f"features.top_k {VOCAB + 1}: must lie in 1..{VOCAB}"):
+        train(load_recipe(str(r), cache("cX", f"features.top_k={VOCAB + 1}")), str(world["data"]), tmp_path / "z",
+              progress=False)
 
 
 def test_bad_inputs_fail_clearly(world, tmp_path):

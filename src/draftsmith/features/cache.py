@@ -17,6 +17,11 @@ Layout of a cache directory:
         hidden         [N, H] normed last hidden, only at positions t with loss_mask[t+1] == 1
                        (the only ones the loss reads p_t from); bf16 in fp8 caches
         hidden_offsets [n+1] int64   sample j's hidden rows
+        topk_ids       [N, k] int32  only when the manifest's "top_k" is k (absent or null: none):
+        topk_probs     [N, k] fp32   the target's k most likely next tokens at the hidden rows and
+                                     their full-vocabulary probabilities p_t (T = 1); the rest of
+                                     the mass, 1 - Σ topk_probs, is what training treats as
+                                     outside (train/objectives.py); held-out τ_sim stays exact
 
 Writes are atomic: a shard goes to a temp name, is fsynced and renamed; the manifest is rewritten
 atomically after every shard (`complete: false`) and at the end (`complete: true`). Rerunning the
@@ -70,7 +75,7 @@ FP8_MAX = 448.0
 FP16_MAX = 65504.0
 # manifest keys that must agree for a rerun to resume (anything else: refuse)
 BUILD_KEYS = ("layer_ids", "dtype", "max_length", "chat_template_sha256", "shard_tokens",
-              "data_sha256", "batching", "records")
+              "data_sha256", "batching", "records", "top_k")
 TARGET_KEYS = ("fingerprint", "weights_probe", "dtype")
 
 
@@ -177,8 +182,18 @@ class BuildReport:
         return self.total_bytes / max(self.tokens, 1)
 
 
+@torch.no_grad()
+def top_k_of(target: TargetModel, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """normed hidden [N, H] -> the target's k most likely tokens [N, k] int32 and their
+    full-vocabulary probabilities [N, k] fp32 (T = 1; softcap applied by `TargetModel.logits`)."""
+    probs = torch.softmax(target.logits(hidden).float(), dim=-1)  # [N, V]
+    top = probs.topk(k, dim=-1)
+    return top.indices.to(torch.int32).cpu(), top.values.cpu()
+
+
 def _encode_sample(sf: SampleFeatures, num_layers: int, dtype: str, tok_dtype: torch.dtype,
-                   dev: Deviation | None) -> dict[str, torch.Tensor]:
+                   dev: Deviation | None, topk: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
     """One sample's stored tensors (CPU); accumulates the deviation when `dev` is given."""
     feats = sf.features.float().cpu()
     q, scale, sat = encode_features(feats, num_layers, dtype)
@@ -193,6 +208,8 @@ def _encode_sample(sf: SampleFeatures, num_layers: int, dtype: str, tok_dtype: t
            "features": q, "hidden": hq}
     if scale is not None:
         out["feature_scale"] = scale
+    if topk is not None:
+        out["topk_ids"], out["topk_probs"] = topk
     return out
 
 
@@ -218,7 +235,8 @@ def _build_shard(target: TargetModel, samples: Sequence[RenderedSample], k: int,
     for i in range(a, b, step):
         chunk = list(samples[i:min(i + step, b)])
         for sf in compute_features(target, chunk, ctx["policy"]):
-            parts.append(_encode_sample(sf, L, dtype, ctx["tok_dtype"], dev))
+            topk = top_k_of(target, sf.hidden[sf.hidden_mask], ctx["top_k"]) if ctx["top_k"] else None
+            parts.append(_encode_sample(sf, L, dtype, ctx["tok_dtype"], dev, topk))
         bar.update(len(chunk))
     lengths = [p["input_ids"].shape[0] for p in parts]
     hrows = [p["hidden"].shape[0] for p in parts]
@@ -235,7 +253,8 @@ def _build_shard(target: TargetModel, samples: Sequence[RenderedSample], k: int,
 
 
 def _settings(target: TargetModel, samples: Sequence[RenderedSample], dtype: str, shard_tokens: int,
-              policy: FeaturePolicy, batching: str, max_length: int | None, tokenizer) -> dict:
+              policy: FeaturePolicy, batching: str, max_length: int | None, tokenizer,
+              top_k: int | None = None) -> dict:
     """The manifest's build settings (everything but shards, counts, deviation, timestamps)."""
     identity = target_identity(target)
     return {
@@ -248,7 +267,7 @@ def _settings(target: TargetModel, samples: Sequence[RenderedSample], dtype: str
         "hidden_at": "positions t with loss_mask[t + 1] == 1",
         "max_length": max_length, "chat_template_sha256": chat_template_sha256(tokenizer),
         "data_sha256": samples_sha256(samples), "shard_tokens": shard_tokens, "batching": batching,
-        "policy": policy.model_dump(), "records": len(samples),
+        "policy": policy.model_dump(), "records": len(samples), "top_k": top_k,
     }
 
 
@@ -291,18 +310,20 @@ def build_cache(target: TargetModel, samples: Sequence[RenderedSample], out_dir:
                 dtype: str = "bf16", shard_tokens: int = DEFAULT_SHARD_TOKENS,
                 policy: FeaturePolicy | None = None, max_length: int | None = None, tokenizer=None,
                 source: dict | None = None, progress: bool = True,
-                log: Callable[[str], None] = tqdm.write) -> BuildReport:
+                log: Callable[[str], None] = tqdm.write, top_k: int | None = None) -> BuildReport:
     """Compute features of `samples` with `target` and write them as a cache in `out_dir`
-    (resuming an interrupted build of the same settings)."""
+    (resuming an interrupted build of the same settings); `top_k`: also store the target's k
+    most likely next tokens and their probabilities at every supervised position."""
     if dtype not in DTYPES:
         raise InputError(f"cache dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    check_top_k(top_k, target.config.vocab_size)
     if not samples:
         raise InputError("no samples to cache")
     policy = (policy or FeaturePolicy()).model_copy(update={"hidden_at": "supervised"})
     batching = policy.resolved(next(target.parameters()).device)
     out_dir = Path(out_dir)
     plan = plan_shards([len(s.input_ids) for s in samples], shard_tokens)
-    settings = _settings(target, samples, dtype, shard_tokens, policy, batching, max_length, tokenizer)
+    settings = _settings(target, samples, dtype, shard_tokens, policy, batching, max_length, tokenizer, top_k)
     done, old = _resume_state(out_dir, settings, plan)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.tmp"):  # torn writes of a killed run
@@ -311,7 +332,8 @@ def build_cache(target: TargetModel, samples: Sequence[RenderedSample], out_dir:
                 "timestamps": dict(old.get("timestamps") or {"created": _now()}),
                 "shards": [done[k] for k in sorted(done)]}
     ctx = {"dtype": dtype, "layer_ids": list(target.layer_ids), "batching": batching, "policy": policy,
-           "tok_dtype": torch.uint16 if settings["token_dtype"] == "uint16" else torch.int32, "out_dir": out_dir}
+           "tok_dtype": torch.uint16 if settings["token_dtype"] == "uint16" else torch.int32, "out_dir": out_dir,
+           "top_k": top_k}
     reused = len(done)
     with tqdm(total=len(samples), initial=sum(b - a for a, b in plan[:reused]), desc="cache",
               unit="sample", disable=not progress) as bar:
@@ -324,6 +346,11 @@ def build_cache(target: TargetModel, samples: Sequence[RenderedSample], out_dir:
             _write_manifest(out_dir, manifest, complete=False)
     _write_manifest(out_dir, manifest, complete=True)
     return _report(out_dir, manifest, len(plan) - reused, reused)
+
+
+def check_top_k(top_k: int | None, vocab_size: int, field: str = "top_k") -> None:
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise InputError(f"{field} {top_k}: must lie in 1..{vocab_size} (the target's vocabulary)")
 
 
 def _deviation_line(d: dict) -> str:
@@ -491,6 +518,11 @@ class FeatureCache:
         return self.manifest["records"]
 
     @property
+    def top_k(self) -> int | None:
+        """k of the stored top-k p_t (None: the cache has none)."""
+        return self.manifest.get("top_k")
+
+    @property
     def layer_ids(self) -> list[int]:
         return list(self.manifest["layer_ids"])
 
@@ -564,7 +596,14 @@ class FeatureCache:
         if hb > ha:
             hidden[hmask] = f.get_slice("hidden")[ha:hb].float()
         ids = f.get_slice("input_ids")[a:b].to(torch.int64)
-        return SampleFeatures(entry["record_ids"][j], ids, loss_mask, features, hidden, hmask)
+        topk_ids = topk_probs = None
+        if self.top_k:
+            topk_ids = torch.zeros(b - a, self.top_k, dtype=torch.int64)
+            topk_probs = torch.zeros(b - a, self.top_k, dtype=torch.float32)
+            if hb > ha:
+                topk_ids[hmask] = f.get_slice("topk_ids")[ha:hb].to(torch.int64)
+                topk_probs[hmask] = f.get_slice("topk_probs")[ha:hb].float()
+        return SampleFeatures(entry["record_ids"][j], ids, loss_mask, features, hidden, hmask, topk_ids, topk_probs)
 
     def __getstate__(self) -> dict:  # DataLoader workers reopen shards themselves
         return {**self.__dict__, "_open": OrderedDict()}

@@ -65,6 +65,9 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `draftsmith cache build`."""
     _add_common_args(p)
     p.add_argument("--out", required=True, help="cache directory (created; resumed if interrupted)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="also store the target's k most likely next tokens and their probabilities at "
+                        "every supervised position (a recipe's features.top_k trains from them)")
     p.add_argument("--target-dtype", choices=["auto", *sorted(TORCH_DTYPES)], default="auto",
                    help="dtype the target runs in; auto: bf16 where the hardware runs it natively "
                         "(CUDA, a CPU with AMX or AVX512-BF16), else fp32 (default: %(default)s)")
@@ -264,7 +267,7 @@ def run_build(args) -> int:
     policy = FeaturePolicy(batching=args.batching, max_batch_tokens=args.max_batch_tokens)
     report = build_cache(target, data.samples, args.out, dtype=args.dtype, shard_tokens=args.shard_tokens,
                          policy=policy, max_length=args.max_length, tokenizer=tokenizer,
-                         source=data.source(), progress=not args.no_progress)
+                         source=data.source(), progress=not args.no_progress, top_k=args.top_k)
     ds = deepspec_bytes_per_token(geometry["hidden_size"], len(layers))
     print(f"cache {report.out_dir}: {report.samples} samples, {report.tokens} tokens, "
           f"{human_bytes(report.total_bytes)} on disk ({report.total_bytes} bytes) = "

@@ -50,15 +50,20 @@ class SampleFeatures:
     features: torch.Tensor  # [S, L*H] raw outputs of the tapped layers, concatenated
     hidden: torch.Tensor  # [S, H] final normed hidden; zero where hidden_mask is False
     hidden_mask: torch.Tensor  # [S] bool, True where `hidden` holds the real value
+    # a cache built with top-k (features.top_k): the target's k most likely tokens and their
+    # full-vocabulary probabilities p_t at the hidden_mask positions ([S, k]; zeros elsewhere)
+    topk_ids: torch.Tensor | None = None  # [S, k] int64
+    topk_probs: torch.Tensor | None = None  # [S, k] float32
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
     def to(self, device: torch.device | str) -> SampleFeatures:
         """A copy on `device` (non-blocking where possible)."""
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return SampleFeatures(self.id, move(self.input_ids), move(self.loss_mask),
-                              move(self.features), move(self.hidden), move(self.hidden_mask))
+                              move(self.features), move(self.hidden), move(self.hidden_mask),
+                              move(self.topk_ids), move(self.topk_probs))
 
 
 class FeaturePolicy(StrictConfig):

@@ -100,6 +100,12 @@ def collate(feats, epochs: list[int], recipe: Recipe, anchored: bool, device, nu
         n = len(f)
         ids[b, :n], mask[b, :n], x[b, :n], h[b, :n] = f.input_ids, f.loss_mask, f.features, f.hidden
     batch = TrainBatch(ids.to(device), mask.to(device), x.to(device), h.to(device))
+    if feats[0].topk_ids is not None:  # a top-k cache: p_t's top k at the supervised positions
+        k = feats[0].topk_ids.shape[-1]
+        tid, tp = torch.zeros(B, S, k, dtype=torch.int64), torch.zeros(B, S, k, dtype=torch.float32)
+        for b, f in enumerate(feats):
+            tid[b, :len(f)], tp[b, :len(f)] = f.topk_ids, f.topk_probs
+        batch.target_topk_ids, batch.target_topk_probs = tid.to(device), tp.to(device)
     if anchored:  # anchors keyed by (seed, epoch, sample id): a batch may span epochs
         draws = [sample_anchors(f.loss_mask, num_anchors, recipe.train.seed, e, f.id)
                  for f, e in zip(feats, epochs)]

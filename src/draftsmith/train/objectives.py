@@ -120,6 +120,10 @@ class TrainBatch:
     target_hidden: torch.Tensor | None  # [B, S, H] target's normed last hidden (None: no p_t)
     anchor_pos: torch.Tensor | None = None  # [B, N] DSpark/DFlash anchors (anchors.batch_anchors)
     anchor_valid: torch.Tensor | None = None  # [B, N] bool
+    # a top-k cache (features.top_k): p_t's k most likely tokens and their probabilities [B, S, k];
+    # training steps read p_t from them, evaluation (no grad) from target_hidden
+    target_topk_ids: torch.Tensor | None = None
+    target_topk_probs: torch.Tensor | None = None
 
 
 def position_weights(block_size: int, decay_gamma: float) -> torch.Tensor:
@@ -419,11 +423,15 @@ class BlockObjective(nn.Module):
     def _chunk(self, batch, blocks: Blocks, sl: slice, hidden, tau: TauSimMeter, with_target: bool):
         """Numerators [4] (with grad) of blocks[sl]; adds their τ stats to `tau`."""
         valid, prev = blocks.valid[sl], blocks.prev[sl]
-        tgt_h = None
+        tgt_h = topk = None
         if with_target:
             pos = blocks.anchor[sl, None] + torch.arange(self.block_size, device=valid.device)  # [c, γ]
-            tgt_h = batch.target_hidden[blocks.rows[sl, None].expand_as(pos)[valid], pos[valid]]  # [n, H]
-        args = (hidden, prev, valid, blocks.label_draft[sl], blocks.in_vocab[sl], blocks.weights, tgt_h)
+            at = (blocks.rows[sl, None].expand_as(pos)[valid], pos[valid])  # the n supervised slots
+            if batch.target_topk_ids is not None and torch.is_grad_enabled():
+                topk = (batch.target_topk_ids[at], batch.target_topk_probs[at])  # [n, k] each
+            else:
+                tgt_h = batch.target_hidden[at]  # [n, H]
+        args = (hidden, prev, valid, blocks.label_draft[sl], blocks.in_vocab[sl], blocks.weights, tgt_h, topk)
         if self.config.recompute and torch.is_grad_enabled() and hidden.requires_grad:
             nums, c_star, match = checkpoint(self._chunk_terms, *args, use_reentrant=False)
         else:
@@ -436,9 +444,10 @@ class BlockObjective(nn.Module):
             tau.add_blocks(cs, valid, mt)
         return nums
 
-    def _chunk_terms(self, hidden, prev, valid, label_draft, in_vocab, weights, tgt_h):
+    def _chunk_terms(self, hidden, prev, valid, label_draft, in_vocab, weights, tgt_h, topk=None):
         """hidden [c, γ, H] -> (weighted numerators [4] in TERMS order, c* [n], greedy match [n])
-        for the n supervised slots of the chunk."""
+        for the n supervised slots of the chunk; p_t from the target's hidden `tgt_h` [n, H] or
+        from its top-k `topk` ([n, k] ids, [n, k] probabilities)."""
         logp = _log_probs(self.slot_logits(hidden, prev)[valid])  # [c, γ, Vd] -> [n, Vd]
         w = weights.to(logp.dtype).expand(valid.shape)[valid]  # [γ] -> [n]
         wv = w * in_vocab[valid]
@@ -446,7 +455,10 @@ class BlockObjective(nn.Module):
         ce = -(logp.gather(1, label_draft[valid].clamp(min=0)[:, None])[:, 0] * wv).sum()
         nums = {**dict.fromkeys(TERMS, zero), "ce": ce}
         c_star = match = logp.new_zeros(0)
-        if tgt_h is not None:
+        if topk is not None:
+            kept = self._kept_from_top_k(*topk, logp.dtype)  # [n, Vd]
+            match = torch.zeros(kept.shape[0], dtype=torch.bool, device=kept.device)
+        elif tgt_h is not None:
             evaluating = not torch.is_grad_enabled()
             with torch.no_grad():
                 t_logits = self.target_head(tgt_h)  # [n, V]
@@ -455,6 +467,7 @@ class BlockObjective(nn.Module):
                 match = torch.zeros(kept.shape[0], dtype=torch.bool, device=kept.device)
                 if evaluating:  # greedy τ: evaluation only (one more full-vocabulary pass)
                     match = self.module.to_target_ids(logp.argmax(-1)) == t_logits.float().argmax(-1)
+        if tgt_h is not None or topk is not None:
             l1 = (logp.exp() - kept).abs().sum(-1)  # [n]
             if self.pruned:
                 l1 = l1 + (1 - kept.sum(-1)).clamp(min=0)  # p_t mass outside the draft vocab
@@ -466,6 +479,23 @@ class BlockObjective(nn.Module):
                 bce = F.binary_cross_entropy_with_logits(conf[valid].to(logp.dtype), c_star, reduction="none")
                 nums["bce"] = (bce * w).sum()
         return torch.stack([nums[k] for k in TERMS]), c_star, match
+
+    @torch.no_grad()
+    def _kept_from_top_k(self, ids: torch.Tensor, probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """p_t on the draft vocabulary [n, Vd] from its top k (ids [n, k] target ids, probs [n, k]):
+        top-k tokens outside the draft vocabulary and the mass beyond the top k are left out, so
+        1 - Σ kept is counted as mass outside the draft vocabulary (L1 then overstates the true
+        distance by at most twice the mass beyond the top k)."""
+        V, dev = self.module.config.vocab_size, ids.device
+        if self.pruned:
+            t2d = torch.full((V,), -1, dtype=torch.long, device=dev)
+            columns = ids_from_d2t(self.module.d2t).to(dev)
+            t2d[columns] = torch.arange(columns.numel(), device=dev)
+            cols = t2d[ids]  # [n, k], -1 outside the draft vocabulary
+        else:
+            cols = ids
+        kept = torch.zeros(ids.shape[0], self.module.config.draft_vocab, dtype=dtype, device=dev)
+        return kept.scatter_add_(1, cols.clamp(min=0), torch.where(cols >= 0, probs.to(dtype), 0.0))
 
     def _distill_terms(self, kept, logp, w, wv) -> dict[str, torch.Tensor]:
         """soft_ce / kl / ce_argmax numerators (those with a weight) from p_t on the draft vocab

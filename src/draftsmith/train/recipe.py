@@ -60,6 +60,11 @@ class FeaturesConfig(StrictConfig):
     # (CUDA with bf16, a CPU with AMX or AVX512-BF16), else fp32 (utils/dtypes.py). SmolLM2 on 2
     # cores (issue 13's numbers): AMX bf16 ~3500 tok/s; AVX2-only fp32 587, emulated bf16 80 tok/s.
     target_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # cache mode: also store the target's top-k next-token probabilities at every supervised
+    # position, and train from them instead of recomputing the full-vocabulary head each epoch
+    # (the mass outside the top k counts as outside the draft vocabulary; train/objectives.py).
+    # Held-out eval/tau_sim always uses the exact full-vocabulary p_t. None: exact p_t throughout
+    top_k: int | None = Field(None, ge=1)
 
 
 class OptimConfig(StrictConfig):

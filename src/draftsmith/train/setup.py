@@ -18,7 +18,7 @@ from torch import nn
 
 from draftsmith.data.templates import RenderedSample
 from draftsmith.features.cache import VERSION as CACHE_VERSION
-from draftsmith.features.cache import FeatureCache, build_cache
+from draftsmith.features.cache import FeatureCache, FeatureCacheError, build_cache, check_top_k
 from draftsmith.features.online import FeaturePolicy, SampleFeatures, compute_features, target_identity
 from draftsmith.models.io import build_draft, load_draft
 from draftsmith.models.vocab import build_draft_vocab
@@ -29,6 +29,7 @@ from draftsmith.train.parallel import DistInfo, barrier
 from draftsmith.train.recipe import Recipe
 from draftsmith.utils.dtypes import ComputeDtype
 from draftsmith.utils.dtypes import resolve as resolve_dtype
+from draftsmith.utils.io import InputError
 from draftsmith.utils.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,10 @@ def _cache_dir(recipe: Recipe, target: TargetModel, samples: list[RenderedSample
     (the records' content by their fingerprints, and the cache format version)."""
     if recipe.features.cache_dir:
         return Path(recipe.features.cache_dir)
+    top_k = {"top_k": recipe.features.top_k} if recipe.features.top_k else {}  # older keys unchanged
     key = json.dumps({"format_version": CACHE_VERSION, "target": target_identity(target),
                       "layers": target.layer_ids, "dtype": recipe.features.dtype,
-                      "max_length": recipe.data.max_length,
+                      "max_length": recipe.data.max_length, **top_k,
                       "samples": [(s.id, s.fingerprint) for s in samples]}, sort_keys=True)
     return cache_root() / "features" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -114,7 +116,12 @@ def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: D
     """Online features, or a cache that rank 0 builds (or resumes, or reuses) first."""
     policy = FeaturePolicy(batching=recipe.features.batching,
                            max_batch_tokens=recipe.features.max_batch_tokens)
+    top_k = recipe.features.top_k
+    check_top_k(top_k, target.config.vocab_size, "features.top_k")
     if recipe.features.mode == "online" and not cache_dir:
+        if top_k:
+            raise InputError("features.top_k stores p_t in a feature cache: it needs features.mode: cache "
+                             "(or --cache); online features compute the exact p_t every step")
         return FeatureSource(target, None, policy)
     samples = data.train + data.heldout
     path = Path(cache_dir) if cache_dir else _cache_dir(recipe, target, samples)
@@ -124,10 +131,15 @@ def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: D
             if not (manifest.is_file() and json.loads(manifest.read_text()).get("complete")):
                 log.info("building the feature cache in %s", path)
                 build_cache(target, samples, path, dtype=recipe.features.dtype, policy=policy,
-                            max_length=recipe.data.max_length, tokenizer=tokenizer, progress=progress)
+                            max_length=recipe.data.max_length, tokenizer=tokenizer, progress=progress,
+                            top_k=top_k)
     barrier()
     cache = FeatureCache.open(path, expect_target=target, expect_layer_ids=target.layer_ids)
     cache.check_samples(samples, recipe.data.max_length)  # a stale cache is refused
+    if top_k and cache.top_k != top_k:
+        have = f"top-k {cache.top_k}" if cache.top_k else "no top-k p_t"
+        raise FeatureCacheError(f"{path}: the cache holds {have}; features.top_k is {top_k}: rebuild it "
+                                "with that top_k (another --cache, or none to build one)")
     return FeatureSource(target, cache, policy)
 
 
