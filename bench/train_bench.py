@@ -2,6 +2,7 @@
 against DeepSpec's layout — side by side, in one run.
 
     .venv/bin/python bench/train_bench.py [--steps 6] [--limit 64] [--target smollm2-135m] [--threads N]
+        [--drafters dspark,eagle3] [--top-k K]
 
 Each drafter trains its shipped recipe (`smollm2-135m/{dspark,dflash,eagle3}`) for a few steps in
 its own process (so peak memory is its own): features come from the recipe's cache (built on the
@@ -9,6 +10,8 @@ first run, reused after), built and fed by the loop's own `build_trainer` / `Pre
 first step is a warm-up, and the table reports anchor-blocks/s
 (supervised blocks of γ slots; Eagle3: TTT chains), supervised slots/s, and peak RSS (CPU) or
 peak allocated memory (GPU). Numbers are this machine's, now: run it again before comparing.
+`--top-k K` runs every drafter twice, interleaved, from the exact cache and from a top-K cache
+(`features.top_k`: p_t read from the stored top K instead of the full-vocabulary head each step).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from draftsmith.drafters import REGISTRY
 
 
 def child(drafter: str, target: str, data: str, steps: int, limit: int, threads: int | None = None,
-          prefetch: str = "auto") -> dict:
+          prefetch: str = "auto", top_k: int | None = None) -> dict:
     """`steps` optimizer steps after a warm-up, built by the loop's own `build_trainer` and fed
     as the loop feeds them (on GPUs the next step's batches are made on the prefetch thread)."""
     import torch
@@ -37,7 +40,8 @@ def child(drafter: str, target: str, data: str, steps: int, limit: int, threads:
     from draftsmith.train.recipe import load_recipe
     from draftsmith.train.setup import build_setup
 
-    recipe = load_recipe(f"{target}/{drafter}", [f"data.limit={limit}"] + ([f"train.threads={threads}"] if threads else []))
+    sets = [f"data.limit={limit}"] + ([f"train.threads={threads}"] if threads else [])
+    recipe = load_recipe(f"{target}/{drafter}", sets + ([f"features.top_k={top_k}"] if top_k else []))
     info = init_distributed()
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -58,7 +62,7 @@ def child(drafter: str, target: str, data: str, steps: int, limit: int, threads:
     peak = (torch.cuda.max_memory_allocated() if info.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     trainable = sum(p.numel() for p in trainer.params)
-    return {"drafter": drafter, "prefetch": trainer.prefetch, "blocks_per_s": blocks / elapsed, "slots_per_s": slots / elapsed,
+    return {"drafter": drafter, "top_k": top_k, "prefetch": trainer.prefetch, "blocks_per_s": blocks / elapsed, "slots_per_s": slots / elapsed,
             "s_per_step": elapsed / steps, "peak_bytes": peak, "device": info.device.type,
             "trainable_params": trainable, "block_size": s.model.config.block_size
             if hasattr(s.model.config, "block_size") else s.model.config.ttt_length}
@@ -97,26 +101,35 @@ def main() -> int:
     p.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
                    help="make the next step's batches on the prefetch thread or inline (auto: as the "
                         "loop does, on GPUs only)")
+    p.add_argument("--drafters", default=",".join(REGISTRY), help="comma-separated (default: all)")
+    p.add_argument("--top-k", type=int, default=None, help="also run each drafter from a top-K p_t cache")
     p.add_argument("--child", choices=list(REGISTRY), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(child(a.child, a.target, a.data, a.steps, a.limit, a.threads, a.prefetch)), flush=True)
+        row = child(a.child, a.target, a.data, a.steps, a.limit, a.threads, a.prefetch, a.top_k)
+        print("RESULT " + json.dumps(row), flush=True)
         return 0
+    unknown = sorted(set(a.drafters.split(",")) - set(REGISTRY))
+    if unknown:
+        p.error(f"--drafters {','.join(unknown)}: not a drafter; known: {', '.join(REGISTRY)}")
     results = []
-    for d in REGISTRY:
-        out = subprocess.run([sys.executable, __file__, "--child", d, "--target", a.target, "--data", a.data,
-                              "--steps", str(a.steps), "--limit", str(a.limit), "--prefetch", a.prefetch]
-                             + (["--threads", str(a.threads)] if a.threads else []),
-                             capture_output=True, text=True, check=False)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            print(out.stderr[-3000:], file=sys.stderr)
-            return 1
-        results.append(json.loads(line[0][7:]))
+    for d in a.drafters.split(","):
+        for k in [None, a.top_k] if a.top_k else [None]:
+            out = subprocess.run([sys.executable, __file__, "--child", d, "--target", a.target, "--data", a.data,
+                                  "--steps", str(a.steps), "--limit", str(a.limit), "--prefetch", a.prefetch]
+                                 + (["--threads", str(a.threads)] if a.threads else [])
+                                 + (["--top-k", str(k)] if k else []),
+                                 capture_output=True, text=True, check=False)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            results.append(json.loads(line[0][7:]))
     print(f"\ntraining throughput ({a.target}, shipped recipes, {a.steps} steps after a warm-up)")
-    print(f"{'drafter':8} {'γ':>3} {'blocks/s':>9} {'slots/s':>9} {'s/step':>7} {'peak MiB':>9} {'trainable':>10}")
+    print(f"{'drafter':8} {'p_t':>6} {'γ':>3} {'blocks/s':>9} {'slots/s':>9} {'s/step':>7} {'peak MiB':>9} {'trainable':>10}")
     for r in results:
-        print(f"{r['drafter']:8} {r['block_size']:>3} {r['blocks_per_s']:>9.1f} {r['slots_per_s']:>9.1f} "
+        pt = f"top{r['top_k']}" if r.get("top_k") else "exact"
+        print(f"{r['drafter']:8} {pt:>6} {r['block_size']:>3} {r['blocks_per_s']:>9.1f} {r['slots_per_s']:>9.1f} "
               f"{r['s_per_step']:>7.2f} {r['peak_bytes'] / 2**20:>9.0f} {r['trainable_params'] / 1e6:>9.2f}M")
     print(f"\nfeature cache bytes/token ({a.target}, {a.limit} records, DSpark layers)")
     print(f"{'dtype':9} {'draftsmith':>11} {'DeepSpec':>9} {'ratio':>6}")

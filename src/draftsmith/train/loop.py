@@ -210,7 +210,8 @@ def evaluate(s: Setup, recipe: Recipe, objective, info: DistInfo, held_feats) ->
     if float(tau.blocks):
         per = tau.per_position()
         out.update({"eval/tau_sim": tau.value(), "eval/tau_greedy": tau.greedy_value(),
-                    "eval/c_star": [round(c, 5) for c in per["c_star"]]})
+                    "eval/c_star": [round(c, 5) for c in per["c_star"]],
+                    "eval/greedy_survival": [round(c, 5) for c in per["greedy_survival"]]})
     return out
 
 
