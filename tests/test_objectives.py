@@ -519,3 +519,23 @@ def test_each_drafter_overfits_to_zero_ce_and_greedy_tau_gamma_plus_one(greedy_d
     assert full.tau.greedy_value() == OVERFIT_GAMMA + 1
     assert full.tau.value() > OVERFIT_GAMMA + 1 - 0.3
     assert min(parts.c_star) > 0.9
+
+
+@pytest.mark.parametrize("drafter,term", [("dspark", "kl"), ("dspark", "ce_argmax"), ("dspark", "soft_ce"),
+                                          ("eagle3", "kl"), ("eagle3", "ce_argmax")])
+def test_each_loss_option_alone_overfits_the_peaked_target(greedy_data, drafter, term):
+    """Each distillation term, as the only loss (loss.weights: {term: 1}), learns the target's
+    greedy continuations in 200 steps: >= 97 % of supervised slots greedy-accepted, c* > 0.9 on
+    every slot. (L1 alone does not: measured 63 of 114 slot-0 positions after 200 steps, the
+    saturated softmax starving its gradient; DSpark's default adds 0.1 CE, tested above.)"""
+    target, batch, head = greedy_data
+    torch.manual_seed(0)
+    model = (dspark_model(target, block_size=OVERFIT_GAMMA, markov_rank=16) if drafter == "dspark"
+             else eagle3_model(target, ttt_length=OVERFIT_GAMMA))
+    objective = build_objective(model, head, ObjectiveConfig(loss_weights=LossWeights(**{term: 1.0})))
+    before = objective(batch)
+    parts, _ = train(model, objective, batch)
+    assert min(before.c_star) < 0.5  # it did have something to learn
+    accepted, slots = parts.tau.greedy_survival_sum.sum(), parts.tau.slot_count.sum()
+    assert accepted >= 0.97 * slots, (parts.tau.greedy_survival_sum.tolist(), parts.tau.slot_count.tolist())
+    assert min(parts.c_star) > 0.9, parts.c_star
