@@ -457,6 +457,20 @@ def test_build_refuses_data_without_trainable_tokens(tmp_path, tiny_hf_target):
     assert not (tmp_path / "c").exists()
 
 
+def test_build_refuses_a_top_k_beyond_the_vocabulary_before_loading_the_target(tmp_path, tiny_hf_target,
+                                                                                  monkeypatch):
+    import draftsmith.features.commands as commands
+
+    data = tmp_path / "regen.jsonl"
+    _write_data(data)
+    monkeypatch.setattr(commands, "load_target", lambda *a, **k: pytest.fail("the target was loaded"))
+    argv = ["--target", str(tiny_hf_target), "--data", str(data), "--out", str(tmp_path / "c"), "--no-progress",
+            "--top-k", "100000"]
+    with pytest.raises(InputError, match=r"--top-k 100000: must lie in 1\.\.\d+"):
+        commands.run_build(_args(commands.add_build_args, argv))
+    assert not (tmp_path / "c").exists()
+
+
 def test_cache_help_shows_max_length_default():
     from draftsmith.features.commands import add_build_args, add_estimate_args
 

@@ -184,8 +184,8 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-CUTS = ("", "eos", "length")
-STATIC_KV_SLACK = 32  # capacity beyond prompt + max_new_tokens: the widest verify window expected  # cut / finish codes of the device commit: 0, 1, 2
+CUTS = ("", "eos", "length")  # cut / finish codes of the device commit: 0, 1, 2
+STATIC_KV_SLACK = 32  # capacity beyond prompt + max_new_tokens: the widest verify window expected
 
 
 class DecodeRun:

@@ -57,17 +57,16 @@ class TargetKV:
         return cls(DynamicCache(), torch.tensor(pad, dtype=torch.long, device=device), pad)
 
     @classmethod
-    def left_pad(cls, prompts: list[list[int]], pad_id: int, device=None):
-        """Prompts -> (input ids [B, P], attention mask [B, P], position ids [B, P], an empty
-        TargetKV for them): row r is left-padded with P - len(prompt r) `pad_id`s."""
+    def left_pad(cls, prompts: list[list[int]], pad_id: int, device=None, **cache_options):
+        """Prompts -> (input ids [B, P], attention mask, position ids [B, P], an empty cache of
+        this class for them, built with `cache_options`): row r is left-padded with
+        P - len(prompt r) `pad_id`s; mask and positions are the cache's `inputs(P)`."""
         P = max(len(p) for p in prompts)
         pad = [P - len(p) for p in prompts]
         ids = torch.tensor([[pad_id] * n + list(p) for n, p in zip(pad, prompts)], dtype=torch.long)
-        kv = cls.empty(pad, device)
-        col = torch.arange(P, device=device)[None, :]  # [1, P]
-        mask = (col >= kv.pad[:, None]).long()  # [B, P]
-        positions = (col - kv.pad[:, None]).clamp(min=0)  # [B, P]
-        return ids.to(device), mask, positions, kv
+        kv = cls.empty(pad, device, **cache_options)
+        mask, positions = kv.inputs(P)
+        return ids.to(device), mask, positions.clamp(min=0), kv  # padding columns at position 0
 
     @property
     def physical_length(self) -> int:
@@ -162,17 +161,6 @@ class StaticTargetKV(TargetKV):
                              f"{num_layers}, {capacity})")
         cache = Cache(layers=[StaticLayer(capacity) for _ in range(num_layers)])
         return cls(cache, torch.tensor(pad, dtype=torch.long, device=device), pad, capacity)
-
-    @classmethod
-    def left_pad(cls, prompts: list[list[int]], pad_id: int, device=None, *, num_layers: int = 0,
-                 capacity: int = 0):
-        """As `TargetKV.left_pad`, the mask spanning the capacity ([B, capacity])."""
-        P = max(len(p) for p in prompts)
-        kv = cls.empty([P - len(p) for p in prompts], device, num_layers=num_layers, capacity=max(capacity, P))
-        mask, _ = kv.inputs(P)
-        positions = (torch.arange(P, device=device)[None, :] - kv.pad[:, None]).clamp(min=0)  # [B, P]
-        ids = torch.tensor([[pad_id] * n + list(p) for n, p in zip(kv.pad_host, prompts)], dtype=torch.long)
-        return ids.to(device), mask, positions, kv
 
     @property
     def physical_length(self) -> int:

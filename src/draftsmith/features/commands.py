@@ -20,7 +20,7 @@ from pathlib import Path
 
 from draftsmith.data.conversations import DEFAULT_MAX_RECORD_CHARS, read_conversations, split_by_size
 from draftsmith.data.templates import RenderedSample, render_records
-from draftsmith.features.cache import build_cache
+from draftsmith.features.cache import build_cache, check_top_k
 from draftsmith.features.estimate import (
     DEFAULT_SHARD_TOKENS, DTYPES, Estimate, deepspec_bytes_per_token, estimate, human_bytes,
 )
@@ -258,6 +258,7 @@ def run_build(args) -> int:
 
     check_output_dir(args.out, "--out")
     geometry, layers, tokenizer, data, est = _prepare(args)
+    check_top_k(args.top_k, geometry["vocab_size"], "--top-k")  # before the target is loaded
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

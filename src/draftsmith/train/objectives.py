@@ -486,15 +486,8 @@ class BlockObjective(nn.Module):
         top-k tokens outside the draft vocabulary and the mass beyond the top k are left out, so
         1 - Σ kept is counted as mass outside the draft vocabulary (L1 then overstates the true
         distance by at most twice the mass beyond the top k)."""
-        V, dev = self.module.config.vocab_size, ids.device
-        if self.pruned:
-            t2d = torch.full((V,), -1, dtype=torch.long, device=dev)
-            columns = ids_from_d2t(self.module.d2t).to(dev)
-            t2d[columns] = torch.arange(columns.numel(), device=dev)
-            cols = t2d[ids]  # [n, k], -1 outside the draft vocabulary
-        else:
-            cols = ids
-        kept = torch.zeros(ids.shape[0], self.module.config.draft_vocab, dtype=dtype, device=dev)
+        cols = target_to_draft(ids, self.module.t2d)  # [n, k] draft ids, -1 outside the draft vocabulary
+        kept = torch.zeros(ids.shape[0], self.module.config.draft_vocab, dtype=dtype, device=ids.device)
         return kept.scatter_add_(1, cols.clamp(min=0), torch.where(cols >= 0, probs.to(dtype), 0.0))
 
     def _distill_terms(self, kept, logp, w, wv) -> dict[str, torch.Tensor]:
