@@ -317,6 +317,30 @@ def test_eval_static_kv_decodes_through_the_static_cache_losslessly(world, eval_
             assert entry["overall"]["mismatches"] == 0 and entry["overall"]["compared"] > 0, name
 
 
+def test_eval_n_max_is_recorded_and_lossless(world, eval_dir, tmp_path):
+    """--n-max 2: DSpark/DFlash run llama.cpp's 2-slot block, EAGLE-3 and n-gram draft at most 2;
+    recorded with the config and every decoder; greedy answers still equal plain decoding's."""
+    out = tmp_path / "out"
+    assert commands.run(eval_args(world, eval_dir, out, "--max-samples", "1", "--n-max", "2")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["n_max"] == 2 and m["config"]["truncate"] == "none"
+    decoders = m["config"]["decoders"]
+    assert decoders["plain"]["n_max"] is None
+    assert all(decoders[n]["n_max"] == 2 for n in ("ngram", "dspark", "dflash", "eagle3"))
+    for name, entry in m["drafts"].items():
+        if name != "plain":
+            o = entry["overall"]
+            assert o["mismatches"] == 0 and o["compared"] == 3, name  # qa: 1, chat: 1 record, 2 turns
+            assert o["mean_draft_len"] <= 2, name
+    for name in ("dspark", "dflash", "eagle3"):
+        assert m["drafts"][name]["overall"]["mean_draft_len"] == 2  # every round drafts exactly 2
+    assert m["drafts"]["dspark"]["overall"]["acceptance_rate"] > 0
+    with pytest.raises(InputError, match=r"draft 'dflash': n_max 4 must lie in 1\.\.3"):
+        commands.run(eval_args(world, eval_dir, tmp_path / "o4", "--max-samples", "1", "--n-max", "4"))
+    with pytest.raises(InputError, match="n_max 0 must be >= 1"):
+        commands.run(eval_args(world, eval_dir, tmp_path / "o0", "--n-max", "0"))
+
+
 def test_eval_command_errors(world, eval_dir, tmp_path):
     with pytest.raises(InputError, match="unknown baseline"):
         commands.run(eval_args(world, eval_dir, tmp_path / "o", "--baselines", "medusa"))

@@ -19,6 +19,7 @@ from draftsmith.decoding.proposers import (
     PlainProposer,
     Proposal,
     Proposer,
+    capped_tokens,
     proposer_for,
 )
 from draftsmith.decoding.sampling import SamplingConfig
@@ -28,5 +29,5 @@ __all__ = [
     "DecodeRun", "DecodeState", "DSparkProposer", "Eagle3Proposer", "FixedLength", "Generation",
     "KeepAll", "NGramProposer", "OracleProposer", "PMinRule", "PlainProposer", "PrefixScheduler",
     "Proposal", "Proposer", "RoundRecord", "SamplingConfig", "SpecEngine", "SurvivalRule",
-    "oracle_for", "proposer_for", "summarize",
+    "capped_tokens", "oracle_for", "proposer_for", "summarize",
 ]

@@ -28,6 +28,7 @@ from draftsmith.models.dspark import DSparkModel
 from draftsmith.models.eagle3 import Eagle3Model
 from draftsmith.decoding.kv import RaggedKVCache
 from draftsmith.decoding.sampling import SamplingConfig, probabilities, sample
+from draftsmith.utils.io import InputError
 
 
 @dataclass
@@ -125,6 +126,25 @@ class Proposal:
         return self.tokens.shape[1]
 
 
+def check_n_max(n_max: int | None, limit: int | None = None, why: str = "") -> int | None:
+    """`n_max` (llama.cpp's --spec-draft-n-max: draft tokens proposed per round) validated: None,
+    or an int in 1..limit (no upper bound when limit is None); `why` explains the limit."""
+    if n_max is None:
+        return None
+    whole = isinstance(n_max, int) and not isinstance(n_max, bool)
+    if not whole or n_max < 1 or (limit is not None and n_max > limit):
+        bound = "be >= 1" if limit is None else f"lie in 1..{limit}"
+        raise InputError(f"n_max {n_max!r} must {bound}{why}")
+    return n_max
+
+
+def capped_tokens(num_tokens: int, n_max: int | None) -> int:
+    """The draft length of a chain or lookup proposer under `n_max` (llama.cpp drafts at most
+    n_max tokens per round): min(num_tokens, n_max)."""
+    n_max = check_n_max(n_max)
+    return num_tokens if n_max is None else min(num_tokens, n_max)
+
+
 def pad_proposals(rows: list[list[int]], device, width: int | None = None) -> Proposal:
     """Per-row token lists -> a Proposal [B, K] padded with 0 (deterministic, no probs)."""
     K = max([len(r) for r in rows] + [0]) if width is None else width
@@ -153,9 +173,12 @@ class Proposer:
             Proposer._by_model[cls.drives] = cls
 
     @classmethod
-    def for_draft(cls, model: torch.nn.Module, num_tokens: int = 7) -> Proposer:
+    def for_draft(cls, model: torch.nn.Module, num_tokens: int = 7, n_max: int | None = None) -> Proposer:
         """This proposer for a loaded draft; `num_tokens`: the draft length where the draft
-        does not fix it (a block drafter proposes its block)."""
+        does not fix it (a block drafter proposes its block); `n_max`: at most this many draft
+        tokens per round, llama.cpp's --spec-draft-n-max (None = no cap)."""
+        if n_max is not None:
+            raise InputError(f"n_max {n_max!r}: the {cls.name} proposer cannot cap its draft length")
         return cls(model)
 
     @property
@@ -255,23 +278,36 @@ def draft_sampler(model, state: DecodeState) -> DraftSampler | None:
 
 
 class DSparkProposer(Proposer):
-    """DSpark and DFlash (`DSparkModel`): one full γ-slot block per round, batched over rows.
+    """DSpark and DFlash (`DSparkModel`): one block per round, batched over rows.
 
     The draft's context K/V live in a `RaggedKVCache` (one committed length per row): features
     of newly committed positions are projected once, at each row's own positions. The block is
-    always the full γ slots (anchor + masks); truncation happens after drafting. Slot k predicts
+    the full γ slots (anchor + masks); truncation rules cut after drafting. Slot k predicts
     position anchor + k + `config.label_offset`: with DeepSpec's offset 1 all γ slots are
     proposals; with z-lab's offset 0 slot 0 predicts the anchor itself and is dropped, leaving
     γ-1 proposals.
+
+    `n_max` (llama.cpp's --spec-draft-n-max) runs llama.cpp's shorter block instead: n_max slots
+    (DeepSpec) or n_max + 1 (z-lab, slot 0 dropped), so n_max proposals per round. The block is
+    bidirectional, so every slot differs from the full block's: not a cut after drafting.
     """
 
     name = "dspark"
     drives = DSparkModel
 
-    def __init__(self, model: DSparkModel):
+    @classmethod
+    def for_draft(cls, model, num_tokens=7, n_max=None):
+        return cls(model, n_max)
+
+    def __init__(self, model: DSparkModel, n_max: int | None = None):
         self.model = model.eval()
         self.target_layer_ids = list(model.config.target_layer_ids)
         self.first_slot = 1 - model.config.label_offset  # the first slot that predicts a new token
+        g = model.config.block_size
+        slots = "DeepSpec" if self.first_slot == 0 else "z-lab"
+        why = f" (the draft proposes at most {g - self.first_slot} tokens: block_size {g}, {slots} slots)"
+        self.n_max = check_n_max(n_max, g - self.first_slot, why)
+        self.num_slots = None if n_max is None else n_max + self.first_slot  # None: the full block
         self.cache: RaggedKVCache | None = None
 
     def prefill(self, state, features, counts):
@@ -291,9 +327,9 @@ class DSparkProposer(Proposer):
         if anchor_pos.device.type == "cpu" and not torch.equal(anchor_pos, state.lengths - 1):
             raise RuntimeError("DSpark context cache out of sync with the committed tokens")
         sampler = draft_sampler(self.model, state)
-        block = self.model.propose(self.cache, state.last_tokens(), anchor_pos, sampler)
+        block = self.model.propose(self.cache, state.last_tokens(), anchor_pos, sampler, self.num_slots)
         s = self.first_slot
-        tokens = block.tokens[:, s:]  # [B, γ] -> [B, K]
+        tokens = block.tokens[:, s:]  # [B, n] -> [B, K] (n = γ, or n_max + first_slot)
         probs = sampler.stacked()[:, s:] if sampler is not None else None
         conf = block.confidence_logits[:, s:] if block.confidence_logits is not None else None
         lengths = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
@@ -317,8 +353,8 @@ class Eagle3Proposer(Proposer):
     drives = Eagle3Model
 
     @classmethod
-    def for_draft(cls, model, num_tokens=7):
-        return cls(model, num_tokens)
+    def for_draft(cls, model, num_tokens=7, n_max=None):
+        return cls(model, capped_tokens(num_tokens, n_max))
 
     def __init__(self, model: Eagle3Model, num_tokens: int = 7):
         self.model = model.eval()
@@ -356,10 +392,11 @@ class Eagle3Proposer(Proposer):
             self.pending = tuple(x[rows] for x in self.pending)
 
 
-def proposer_for(draft: torch.nn.Module, num_tokens: int = 7) -> Proposer:
+def proposer_for(draft: torch.nn.Module, num_tokens: int = 7, n_max: int | None = None) -> Proposer:
     """The proposer of a loaded draft model (`models.io.load_draft`): the one registered for its
-    class or its nearest base class (`Proposer.drives`)."""
+    class or its nearest base class (`Proposer.drives`). `n_max`: llama.cpp's
+    --spec-draft-n-max (DSpark/DFlash: its shorter block; EAGLE-3: caps `num_tokens`)."""
     for cls in type(draft).__mro__:
         if cls in Proposer._by_model:
-            return Proposer._by_model[cls].for_draft(draft, num_tokens)
+            return Proposer._by_model[cls].for_draft(draft, num_tokens, n_max)
     raise TypeError(f"no proposer drives {type(draft).__name__}")

@@ -56,8 +56,8 @@ class DrafterSpec:
         """This drafter's objective (an `nn.Module` owning `model`): the train loop's factory."""
         return self.objective(model, target_head, config, self.loss_weights)
 
-    def make_proposer(self, model: nn.Module, num_tokens: int = 7) -> Proposer:
-        return self.proposer.for_draft(model, num_tokens)
+    def make_proposer(self, model: nn.Module, num_tokens: int = 7, n_max: int | None = None) -> Proposer:
+        return self.proposer.for_draft(model, num_tokens, n_max)
 
     @property
     def formats(self) -> dict:

@@ -30,6 +30,7 @@ from draftsmith.eval.runner import (
     BASELINES, Benchmark, Settings, build_decoders, count_calls, parse_truncate, run_benchmark, warm_up,
 )
 from draftsmith.decoding import SamplingConfig
+from draftsmith.decoding.proposers import check_n_max
 from draftsmith.targets.model import load_target_model, load_tokenizer
 from draftsmith.utils.dtypes import resolve as resolve_dtype
 from draftsmith.utils.io import InputError, atomic_write_json, atomic_write_text, check_output_dir
@@ -61,6 +62,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-draft-tokens", type=int, default=7,
                    help="draft length of the n-gram baseline and EAGLE-3 drafts (DSpark/DFlash "
                         "draft their block size)")
+    p.add_argument("--n-max", type=int, default=None, metavar="N",
+                   help="llama.cpp's --spec-draft-n-max: at most N draft tokens per round. DSpark/DFlash "
+                        "drafts run llama.cpp's shorter block (N slots; N + 1 for z-lab slots, slot 0 "
+                        "dropped), which changes every slot's prediction; EAGLE-3 and n-gram draft "
+                        "min(--num-draft-tokens, N) (default: off, the full block)")
     p.add_argument("--truncate", default="none",
                    help="proposal truncation for drafts with a confidence head: none, p-min=P "
                         "(llama.cpp's raw per-step rule) or survival=THRESHOLD (calibrated "
@@ -117,6 +123,7 @@ def check_baselines(names: list[str]) -> list[str]:
 def check_sampling_args(args) -> SamplingConfig:
     """Every decoding flag (--truncate's syntax included), checked without a model."""
     parse_truncate(args.truncate)
+    check_n_max(args.n_max)  # the draft's own limit is checked once it loads
     for flag, value in (("--batch-size", args.batch_size), ("--num-draft-tokens", args.num_draft_tokens)):
         if value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
@@ -127,7 +134,7 @@ def sampling_settings(args, stop_ids: list[int], pad_id: int) -> Settings:
     """Settings from the flags, validated (`check_sampling_args`)."""
     return Settings(args.max_new_tokens, check_sampling_args(args), stop_ids, pad_id, args.seed,
                     args.batch_size, args.num_draft_tokens, args.truncate, args.compile,
-                    args.static_kv)
+                    args.static_kv, n_max=args.n_max)
 
 
 def load_datasets(args) -> list[EvalDataset]:
@@ -169,7 +176,7 @@ def _run_info(args, datasets, decoders, settings: Settings, compute) -> dict:
         "threads": torch.get_num_threads(), "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "max_samples": args.max_samples,
         "seed": args.seed, "batch_size": args.batch_size, "num_draft_tokens": args.num_draft_tokens,
-        "truncate": settings.truncate,
+        "truncate": settings.truncate, "n_max": settings.n_max,
         "stop_token_ids": settings.stop_ids,
         "datasets": {d.name: {"path": str(d.path), "records": len(d.records), "turns": d.num_turns,
                               "rejected": len(d.rejected)} for d in datasets},

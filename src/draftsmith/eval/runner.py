@@ -35,7 +35,7 @@ from draftsmith.models.calibration import load_calibration
 from draftsmith.models.io import load_draft
 from draftsmith.decoding import (
     KeepAll, NGramProposer, PlainProposer, PMinRule, Proposer, SamplingConfig, SpecEngine, SurvivalRule,
-    proposer_for,
+    capped_tokens, proposer_for,
 )
 from draftsmith.targets.model import TargetModel
 from draftsmith.utils.io import InputError
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 PLAIN = "plain"
 BASELINES = ("ngram",)
-ProposerFactory = Callable[[torch.nn.Module, int], Proposer]
+ProposerFactory = Callable[..., Proposer]  # (draft model, num_tokens, n_max=None) -> Proposer
 
 
 @dataclass
@@ -56,9 +56,10 @@ class Decoder:
     engine: SpecEngine
     path: str | None = None  # draft dir
     truncate: str = "none"  # the truncation rule this decoder runs with
+    n_max: int | None = None  # llama.cpp's --spec-draft-n-max it runs with (None: no cap)
 
     def describe(self) -> dict:
-        out = {"kind": self.kind, "path": self.path, "truncate": self.truncate}
+        out = {"kind": self.kind, "path": self.path, "truncate": self.truncate, "n_max": self.n_max}
         proposer = self.engine.proposer
         if proposer.uses_features:
             out["target_layer_ids"] = list(proposer.target_layer_ids)
@@ -77,6 +78,9 @@ class Settings:
     truncate: str = "none"  # "none" | "p-min=P" | "survival=THRESHOLD" (confidence-head drafts)
     compile: bool = False  # torch.compile the target's forward (CUDA only; a logged no-op elsewhere)
     static_kv: bool = False  # the target's KV in fixed-capacity buffers (decoding.kv.StaticTargetKV)
+    # llama.cpp's --spec-draft-n-max: draft tokens per round. DSpark/DFlash run llama.cpp's shorter
+    # block (n_max slots, z-lab: n_max + 1); EAGLE-3 and n-gram cap num_draft_tokens. None = off
+    n_max: int | None = None
 
     @property
     def compare(self) -> bool:
@@ -152,8 +156,8 @@ def _check_draft(name: str, draft, hf_model) -> None:
 def build_decoders(hf_model, drafts: dict[str, str], baselines: list[str], settings: Settings,
                    source=None, proposer_for: ProposerFactory = proposer_for) -> list[Decoder]:
     """Plain decoding first, then the baselines, then the drafts (NAME -> draft dir), all over
-    the one loaded `hf_model`. `proposer_for(draft model, num_draft_tokens)` makes each draft's
-    proposer (default: the one `spec` registers for the model's class)."""
+    the one loaded `hf_model`. `proposer_for(draft model, num_draft_tokens, n_max)` makes each
+    draft's proposer (default: the one `spec` registers for the model's class)."""
     wrappers: dict[tuple[int, ...], TargetModel] = {}
     dtype = next(hf_model.parameters()).dtype
 
@@ -175,7 +179,8 @@ def build_decoders(hf_model, drafts: dict[str, str], baselines: list[str], setti
     for b in baselines:
         if b not in BASELINES:
             raise InputError(f"unknown baseline {b!r}: known baselines are {', '.join(BASELINES)}")
-        decoders.append(Decoder(b, b, engine(NGramProposer(num_tokens=settings.num_draft_tokens))))
+        ngram = NGramProposer(num_tokens=capped_tokens(settings.num_draft_tokens, settings.n_max))
+        decoders.append(Decoder(b, b, engine(ngram), n_max=settings.n_max))
     for name, path in drafts.items():
         if any(d.name == name for d in decoders):
             raise InputError(f"--draft {name}=...: the name {name!r} is taken (plain, baselines and "
@@ -183,8 +188,12 @@ def build_decoders(hf_model, drafts: dict[str, str], baselines: list[str], setti
         model = load_draft(path, dtype=dtype, device=next(hf_model.parameters()).device)
         _check_draft(name, model, hf_model)
         rule, described = truncation_for(model, str(path), settings)
-        decoders.append(Decoder(name, model.config.drafter,
-                                engine(proposer_for(model, settings.num_draft_tokens), rule), str(path), described))
+        try:
+            proposer = proposer_for(model, settings.num_draft_tokens, settings.n_max)
+        except InputError as e:
+            raise InputError(f"draft {name!r}: {e}") from None
+        decoders.append(Decoder(name, model.config.drafter, engine(proposer, rule), str(path), described,
+                                settings.n_max))
     return decoders
 
 

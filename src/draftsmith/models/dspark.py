@@ -16,8 +16,9 @@ at inference; the confidence head predicts σ(w·[h_k; W1[x_{k-1}]] + b).
 Training: `forward(features, input_ids, anchor_pos, anchor_valid)` runs many blocks per sequence
 at once and returns post-norm hidden states [B, N, γ, H]; the caller computes logits in chunks
 with `draft_logits` / `confidence`. Inference: `new_cache` / `append_context` project the
-features of committed tokens once into per-layer context K/V, `propose` drafts one block,
-`cache.rollback(n)` forgets positions >= n. `GemmaDSparkModel` is the one-level Gemma subclass.
+features of committed tokens once into per-layer context K/V, `propose` drafts one block (γ
+slots, or fewer: `num_slots`), `cache.rollback(n)` forgets positions >= n. `GemmaDSparkModel` is
+the one-level Gemma subclass.
 """
 
 from __future__ import annotations
@@ -309,12 +310,12 @@ class ConfidenceHead(nn.Module):
 
 @dataclass
 class DSparkProposal:
-    """One drafted block."""
+    """One drafted block of n slots (n = γ unless `propose` ran a shorter block)."""
 
-    tokens: torch.Tensor  # [B, γ] target ids, sampled left to right
-    logits: torch.Tensor  # [B, γ, V_draft] Markov-corrected (the distribution verification uses)
-    hidden: torch.Tensor  # [B, γ, H] post-norm hidden states
-    confidence_logits: torch.Tensor | None  # [B, γ]; σ(.) = predicted per-slot acceptance
+    tokens: torch.Tensor  # [B, n] target ids, sampled left to right
+    logits: torch.Tensor  # [B, n, V_draft] Markov-corrected (the distribution verification uses)
+    hidden: torch.Tensor  # [B, n, H] post-norm hidden states
+    confidence_logits: torch.Tensor | None  # [B, n]; σ(.) = predicted per-slot acceptance
 
 
 # --------------------------------------------------------------------------- model
@@ -474,32 +475,45 @@ class DSparkModel(DraftVocabMixin, nn.Module):
 
     @torch.no_grad()
     def propose(self, cache: KVCache, anchor_token: torch.Tensor, anchor_pos: int | torch.Tensor,
-                sampler: Sampler | None = None) -> DSparkProposal:
-        """Draft one full γ-slot block at `anchor_pos` against the cached context.
+                sampler: Sampler | None = None, num_slots: int | None = None) -> DSparkProposal:
+        """Draft one block of n = `num_slots` slots (default γ = block_size) at `anchor_pos`
+        against the cached context: [anchor, mask × (n-1)], bidirectional inside the block, so a
+        shorter block changes every slot (llama.cpp's --spec-draft-n-max), unlike cutting a γ-slot
+        block after drafting.
 
         anchor_token [B] (target ids); anchor_pos int or [B], at most `cache.length` (context
         positions >= anchor_pos are masked). The Markov head is sampled left to right with
         `sampler(logits [B, V_draft]) -> draft ids [B]` (greedy argmax when None).
         """
-        B, g, dev = anchor_token.shape[0], self.config.block_size, anchor_token.device
+        B, dev = anchor_token.shape[0], anchor_token.device
+        g = self.block_slots(num_slots)
         anchor_pos = torch.as_tensor(anchor_pos, device=dev).expand(B).long()
         if dev.type == "cpu" and bool((anchor_pos > cache.length).any()):  # no sync on GPUs
             raise ValueError(f"anchor at {anchor_pos.tolist()} needs context up to it; "
                              f"the cache holds {cache.length} positions")
         ids = torch.full((B, g), self.config.mask_token_id, dtype=torch.long, device=dev)
         ids[:, 0] = anchor_token
-        x = self.embed(ids).to(self.fc.weight.dtype)  # [B, γ] -> [B, γ, H]
-        pos = anchor_pos[:, None] + torch.arange(g, device=dev)  # [B, γ]
-        mask = block_attention_mask(anchor_pos[:, None], None, cache.length, g)  # [B, 1, γ, T+γ]
-        hidden = self._run_layers(x, pos, mask, cache=cache)  # [B, γ, H]
+        x = self.embed(ids).to(self.fc.weight.dtype)  # [B, n] -> [B, n, H]
+        pos = anchor_pos[:, None] + torch.arange(g, device=dev)  # [B, n]
+        mask = block_attention_mask(anchor_pos[:, None], None, cache.length, g)  # [B, 1, n, T+n]
+        hidden = self._run_layers(x, pos, mask, cache=cache)  # [B, n, H]
         tokens, logits, conf = self.sample_block(hidden, anchor_token, sampler)
         return DSparkProposal(tokens, logits, hidden, conf)
 
+    def block_slots(self, num_slots: int | None) -> int:
+        """The slots of an inference block: `num_slots` (1..block_size), None = block_size."""
+        g = self.config.block_size
+        if num_slots is None:
+            return g
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or not 1 <= num_slots <= g:
+            raise ValueError(f"num_slots {num_slots!r} must lie in 1..{g} (block_size {g})")
+        return num_slots
+
     def sample_block(self, hidden: torch.Tensor, anchor_token: torch.Tensor,
                      sampler: Sampler | None = None):
-        """Left-to-right sampling of one block: hidden [B, γ, H] -> (tokens [B, γ] target ids,
-        logits [B, γ, V_draft], confidence logits [B, γ] or None)."""
-        base = self.base_logits(hidden)  # [B, γ, V_draft]
+        """Left-to-right sampling of one block of any length n: hidden [B, n, H] -> (tokens
+        [B, n] target ids, logits [B, n, V_draft], confidence logits [B, n] or None)."""
+        base = self.base_logits(hidden)  # [B, n, V_draft]
         prev, state = anchor_token.long(), None
         tokens, logits, confs = [], [], []
         for k in range(hidden.shape[1]):
@@ -513,7 +527,7 @@ class DSparkModel(DraftVocabMixin, nn.Module):
             prev = self.to_target_ids(draft_id)
             tokens.append(prev)
             logits.append(step)
-        conf = torch.stack(confs, dim=1) if confs else None  # γ × [B] -> [B, γ]
+        conf = torch.stack(confs, dim=1) if confs else None  # n × [B] -> [B, n]
         return torch.stack(tokens, dim=1), torch.stack(logits, dim=1), conf
 
 
