@@ -17,7 +17,9 @@ peers, per dataset at T = 0, the ratios, and each draft's measured break-even τ
   costs in this llama-server, in plain decode steps: on a compute-bound CPU it grows almost
   linearly, which is what sets the break-even τ.
 - `NAME=PATH@key=value,...` per draft: `n_max` (--spec-draft-n-max), `p_min`
-  (--spec-draft-p-min), `dtype` (GGUF weight type of the draft: fp16, bf16, fp32).
+  (--spec-draft-p-min), `dtype` (GGUF weight type of the draft: fp16, bf16, fp32, q8_0);
+  `--grid "dtype=fp16,q8_0;n_max=1,2,4;p_min=0,0.4"` serves every draft at every combination
+  (the sweep behind a serve setting: τ, round cost = break-even τ, speedup per row).
 - `--target-type f32|f16|bf16|q8_0` serves the target converted from its dequantized weights
   (the ones the offline engine uses) instead of the shipped GGUF; plain decoding uses the same
   file, so every ratio compares like with like.
@@ -28,19 +30,16 @@ down many-fold when it shares the two cores).
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import statistics
+import itertools
 import sys
 from pathlib import Path
 
-from draftsmith.engines import llama_cpp
 from draftsmith.eval.datasets import split_list
 from draftsmith.eval.metrics import json_safe
 from draftsmith.export import resolve_draft_dir
 from draftsmith.export import gguf as gguf_export
 from draftsmith.export.manifest import describe_target
-from draftsmith.serve import check
+from draftsmith.serve import check, tune
 from draftsmith.targets.model import load_tokenizer
 from draftsmith.utils.io import InputError, atomic_write_json
 
@@ -62,25 +61,32 @@ def parse_draft(spec: str) -> tuple[str, str, dict]:
     return name, path, options
 
 
-def batch_cost(target_gguf: Path, ctx_tokens: int = 200, sizes=(1, 2, 3, 4, 5, 6, 8), reps: int = 9) -> dict:
-    """Median ms to evaluate n new tokens in one batch after a cached `ctx_tokens` prefix, and the
-    ms per plain decode step, in one llama-server."""
-    rng = random.Random(0)
-    prefix = [rng.randrange(100, 40000) for _ in range(ctx_tokens)]
-    out = {"batch_ms": {}}
-    with llama_cpp.LlamaServer(target_gguf, slots=1, ctx_size=2048, seed=0) as srv:
-        for n in sizes:
-            ms = []
-            for _ in range(reps):
-                tokens = prefix + [rng.randrange(100, 40000) for _ in range(n)]
-                t = srv.post_json("/completion", {"prompt": tokens, "n_predict": 1, "temperature": 0,
-                                                  "cache_prompt": True}, timeout=120)["timings"]
-                if t["prompt_n"] == n:  # the prefix came from the cache
-                    ms.append(t["prompt_ms"])
-            out["batch_ms"][n] = statistics.median(ms) if ms else None
-        t = srv.post_json("/completion", {"prompt": prefix, "n_predict": 64, "temperature": 0,
-                                          "cache_prompt": True, "ignore_eos": True}, timeout=300)["timings"]
-        out["decode_step_ms"] = t["predicted_per_token_ms"]
+def parse_grid(text: str | None) -> dict[str, list]:
+    """`dtype=fp16,q8_0;n_max=1,2;p_min=0,0.4` -> {key: [values]} (p_min 0 = off)."""
+    grid = {}
+    for part in (text or "").split(";"):
+        if not part.strip():
+            continue
+        key, sep, values = part.partition("=")
+        key = key.strip()
+        if not sep or key not in OPTIONS or not split_list(values):
+            raise InputError(f"--grid {text!r}: expected KEY=V1,V2;... with KEY in {', '.join(OPTIONS)}")
+        grid[key] = [OPTIONS[key](v) for v in split_list(values)]
+    return grid
+
+
+def expand_grid(drafts: list[tuple[str, str, dict]], grid: dict[str, list]) -> list[tuple[str, str, dict]]:
+    """Every draft at every grid combination (its own options fill the keys the grid leaves)."""
+    if not grid:
+        return drafts
+    out = []
+    for name, path, options in drafts:
+        for combo in itertools.product(*grid.values()):
+            opts = {**options, **dict(zip(grid, combo))}
+            if not opts.get("p_min"):
+                opts.pop("p_min", None)
+            label = f"{name} {opts.get('dtype', 'fp16')} n{opts.get('n_max', 'max')} p{opts.get('p_min', 0)}"
+            out.append((label, path, opts))
     return out
 
 
@@ -127,17 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--peers", default=",".join(check.PEERS))
     ap.add_argument("--no-cost-curve", action="store_true")
+    ap.add_argument("--grid", default=None, metavar="dtype=fp16,q8_0;n_max=1,2,4;p_min=0,0.4",
+                    help="serve every draft at every combination (p_min 0 = off); one row each, "
+                         "named 'NAME dtype nN pP'")
     ap.add_argument("--out", default="bench-served")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    drafts = [parse_draft(d) for d in args.draft]
+    drafts = expand_grid([parse_draft(d) for d in args.draft], parse_grid(args.grid))
     configs = {}
     target = args.target
+    exported = {}
     for name, path, options in drafts:
-        manifest, configs[name] = check.export_for_serving(
-            resolve_draft_dir(path), out / f"{name}-gguf", target, options.get("dtype", "fp16"),
-            options.get("n_max"), options.get("p_min"))
+        dtype = options.get("dtype", "fp16")
+        key = (path, dtype)
+        if key not in exported:  # one export per draft and weight type; n_max, p_min are flags
+            exported[key] = check.export_for_serving(resolve_draft_dir(path), out / f"{len(exported)}-{dtype}-gguf",
+                                                     target, dtype)
+        manifest, server_args = exported[key]
+        configs[name] = [*server_args[:2], *check.spec_args(manifest, options.get("n_max"), options.get("p_min"))]
         target = target or manifest["target"]["id"]
     target = target or "smollm2-135m"
     for peer in split_list(args.peers):
@@ -153,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                          "max_samples": args.max_samples, "max_new_tokens": args.max_new_tokens,
                          "servers": configs}}
     if not args.no_cost_curve:
-        cost = batch_cost(target_gguf)
+        cost = tune.batch_cost(target_gguf)
         result["batch_cost"] = cost
         step = cost["decode_step_ms"]
         print(f"plain decode step {step:.1f} ms; verifying n tokens in one batch costs (plain steps): "

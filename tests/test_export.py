@@ -22,7 +22,8 @@ from draftsmith.models.dspark import DSparkConfig
 from draftsmith.models.eagle3 import Eagle3Config
 from draftsmith.models.io import build_draft, load_draft, save_draft
 from draftsmith.utils.io import InputError
-from train_fixtures import make_target_dir
+from tiny_targets import tiny_target
+from train_fixtures import VOCAB, make_target_dir, qwen3_style
 
 # DESIGN §4, written out independently of the exporter's own key map.
 DEEPSPEC_ALWAYS = {"architectures", "model_type", "hidden_size", "intermediate_size",
@@ -511,22 +512,33 @@ def test_gguf_export_matches_manifest_and_serves(tmp_path, llama_target, case, c
     assert "draft acceptance" in result["log"]
 
 
-@pytest.mark.llama
-def test_serve_check_end_to_end(tmp_path, llama_target, capsys, monkeypatch):
-    """serve-check exports the draft, serves it, the target alone and a peer, decodes the same
-    prompt tokens offline, and writes served.json; a parity miss exits 1 naming causes."""
+def serve_check_args(*argv):
     from draftsmith.serve import check
 
+    parser = argparse.ArgumentParser()
+    check.add_args(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+@pytest.mark.llama
+def test_serve_check_end_to_end(tmp_path, llama_target, capsys, monkeypatch):
+    """serve-check tunes the serve settings (cost curve, probes per draft weight type, held-out
+    rounds per n_max), exports the draft with the choice, serves it, plain decoding on two target
+    files (the faster is the speedup's denominator) and a peer, decodes the same prompt tokens
+    offline under the same rule, and writes served.json; a second run reuses the tuning; a
+    parity miss exits 1 naming causes."""
+    from draftsmith.serve import check
+
+    monkeypatch.setattr(gguf, "cache_root", lambda: tmp_path / "cache")  # the f32 plain target
     hf_dir, hf_model, _ = llama_target
     src = make_draft(tmp_path, hf_model, hf_dir, "dspark", "served", mask_token_id=16,
                      target_layer_ids=[1, 3], markov_rank=16)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"turns": ["Count from one to ten."]}\n{"turns": ["Name a colour.", "Another?"]}\n')
-    parser = argparse.ArgumentParser()
-    check.add_args(parser)
-    args = parser.parse_args(["--draft", str(src), "--datasets", str(prompts), "--max-new-tokens", "12",
-                              "--peers", "ngram-simple", "--threads", "1", "--no-progress",
-                              "--out", str(tmp_path / "sc")])
+    args = serve_check_args("--draft", src, "--datasets", prompts, "--max-new-tokens", "12",
+                            "--peers", "ngram-simple", "--threads", "1", "--no-progress",
+                            "--tune-datasets", prompts, "--tune-samples", "1", "--tune-max-new-tokens", "8",
+                            "--plain-types", "f32", "--out", tmp_path / "sc")
     code = check.run(args)
     result = json.loads((tmp_path / "sc" / "served.json").read_text())
     m = result["draft"]["datasets"]["p"]
@@ -536,16 +548,77 @@ def test_serve_check_end_to_end(tmp_path, llama_target, capsys, monkeypatch):
     assert m["rounds"] > 0 and len(m["requests"]) == 2  # first turns only
     for r in m["requests"]:  # the server saw exactly our prompt tokens (no BOS added, no template)
         assert r["server_prompt_tokens"] == r["prompt_tokens"]
-    assert "--spec-draft-n-max" in result["config"]["llama_server_args"]
     assert set(result["peers"]) == {"ngram-simple", "plain"}
     assert m["speedup"] == pytest.approx(m["served_tokens_per_s"] / m["plain_tokens_per_s"])
-    assert "| draft | p |" in capsys.readouterr().out
-    # a parity miss: exit 1 with the likely causes
-    real = check.offline_tau
-    monkeypatch.setattr(check, "offline_tau", lambda *a: {ds: {**v, "offline_tau": 3 * v["offline_tau"]}
-                                                         for ds, v in real(*a).items()})
-    assert check.run(args) == 1
+    # the denominator: the faster of the two plain files, named
+    assert len(result["plain"]) == 2 and result["plain_fastest"]["file"] in result["plain"]
+    assert result["plain_fastest"]["tokens_per_s"] == max(p["served_tokens_per_s"] for p in result["plain"].values())
+    assert result["speedup"] == pytest.approx(result["draft"]["overall"]["served_tokens_per_s"]
+                                              / result["plain_fastest"]["tokens_per_s"])
+    out = capsys.readouterr().out
+    assert "| draft | p |" in out and "served speedup" in out and "break-even τ" in out
+    # the tuning: measured, saved with the draft, and what was served
+    tuning = json.loads((src / check.TUNING_FILE).read_text())
+    assert set(tuning["probes"]) == {"fp16", "q8_0"} and {r["n_max"] for r in tuning["table"]} == {1, 2, 3}
+    best = tuning["choice"]
+    assert result["serve"] == {"dtype": best["dtype"], "n_max": best["n_max"], "p_min": best["p_min"] or None}
+    served_manifest = read_manifest(tmp_path / "sc" / "draft-gguf")
+    assert served_manifest["dtype"] == best["dtype"] and served_manifest["serve"]["n_max"] == best["n_max"]
+    server_args = result["config"]["llama_server_args"]
+    assert server_args[server_args.index("--spec-draft-n-max") + 1] == str(best["n_max"])
+    # a second run reuses the saved tuning; a parity miss exits 1 with the likely causes
+    monkeypatch.setattr(check, "measure_tuning", lambda *a, **k: pytest.fail("measured again"))
+    real = check.Offline.tau
+    monkeypatch.setattr(check.Offline, "tau", lambda self, *a: {
+        ds: {**v, "offline_tau": 3 * v["offline_tau"]} for ds, v in real(self, *a).items()})
+    again = vars_to_argv(args)
+    again[again.index("--plain-types") + 1], again[again.index("--peers") + 1] = "", ""  # keep it short
+    assert check.run(serve_check_args(*again)) == 1
     assert "layer-id convention" in capsys.readouterr().out
+
+
+def vars_to_argv(args) -> list[str]:
+    """The argv that parses back to `args` (non-default values only)."""
+    defaults = serve_check_args("--draft", "x")
+    argv = []
+    for key, value in vars(args).items():
+        if value != getattr(defaults, key) or key == "draft":
+            flag = "--" + key.replace("_", "-")
+            argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def test_serve_check_refuses_bad_flags_before_converting(tmp_path, hf_target, target_dir, monkeypatch):
+    """--p-min for a draft without a confidence head, --n-max above what the draft proposes, a
+    target of another model, an unknown weight type: one line naming the flag, before anything
+    is converted or served."""
+    from draftsmith.serve import check
+
+    monkeypatch.setattr(check, "export", lambda *a, **k: pytest.fail("converted"))
+    monkeypatch.setattr(gguf, "target_gguf", lambda *a, **k: pytest.fail("target converted"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["Hi."]}\n')
+    dflash = make_draft(tmp_path, hf_target, target_dir, "dflash", "noconf")
+    dspark = make_draft(tmp_path, hf_target, target_dir, "dspark", "conf", enable_confidence_head=True)
+    base = ["--datasets", prompts, "--no-progress", "--out", tmp_path / "sc"]
+    cases = [([*base, "--draft", dflash, "--p-min", "0.3"], "--p-min 0.3: llama.cpp truncates on the confidence head"),
+             ([*base, "--draft", dspark, "--n-max", "4"], "--n-max 4: this dspark draft proposes at most 3"),
+             ([*base, "--draft", dspark, "--plain-types", "q4_k"], "--plain-types 'q4_k'"),
+             ([*base, "--draft", dspark, "--tune-dtypes", "q2_k"], "--tune-dtypes 'q2_k'")]
+    for argv, message in cases:
+        with pytest.raises(InputError, match=message) as e:
+            check.run(serve_check_args(*argv))
+        assert "\n" not in str(e.value)
+    other = tmp_path / "other"  # another model: 6 layers where the draft's target has 4
+    tiny_target("llama", vocab_size=VOCAB, num_hidden_layers=6).save_pretrained(other)
+    qwen3_style().save_pretrained(other)
+    with pytest.raises(InputError, match="the draft was not trained for target"):
+        check.run(serve_check_args(*base, "--draft", dspark, "--target", other))
+    with pytest.raises(SystemExit):  # argparse: a weight type llama.cpp's converter does not write
+        serve_check_args("--draft", dspark, "--draft-dtype", "q4_0")
+    # the same draft and flags pass the checks (and reach the conversion, stubbed here)
+    with pytest.raises(BaseException, match="target converted"):
+        check.run(serve_check_args(*base, "--draft", dspark, "--n-max", "3", "--p-min", "0.3"))
 
 
 @pytest.mark.llama

@@ -21,6 +21,9 @@ from draftsmith.utils.plots import pyplot, save
 
 SHARED_REGEN = Path("..") / "shared" / "data" / "sharegpt-smollm2-regen.jsonl"  # beside the clone
 SHARED_EVAL = Path("..") / "shared" / "eval"
+# the served figure measured for the shipped recipe's draft (serve-check, written by hand from its
+# served.json with the CPU and commit it ran on; see the README)
+REFERENCE = Path(__file__).parent / "recipes" / "smollm2-135m" / "dspark.served.json"
 DEMO_STEPS = 80  # the demo's training length in optimizer steps (same result on any machine)
 
 
@@ -45,6 +48,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=4, help="prompts per stage of eval / serve-check")
     p.add_argument("--eval-tokens", type=int, default=96,
                    help="max new tokens in eval / serve-check (default %(default)s)")
+    p.add_argument("--draft", default=None,
+                   help="a trained draft (RUN or RUN/step_N) to evaluate and serve instead of the "
+                        "demo's short training run")
 
 
 def _sub_run(module, argv: list[str]) -> int:
@@ -124,11 +130,33 @@ def _plot_curve(evals: list[dict], path: Path) -> None:
 
 
 def _eval_source(args, held: Path) -> list[str]:
-    """`--datasets/--eval-dir` arguments: the shared benchmarks when present, else held-out prompts."""
+    """`--datasets/--eval-dir` arguments: the shared benchmarks when present, else the held-out
+    prompts (their user turns, written in the eval format beside them)."""
     eval_dir = Path(args.eval_dir) if args.eval_dir else SHARED_EVAL.resolve()
     if (eval_dir / "gsm8k.jsonl").is_file():
         return ["--datasets", "gsm8k", "--eval-dir", str(eval_dir)]
-    return ["--datasets", str(held)]
+    return ["--datasets", str(_prompts_file(held))]
+
+
+def _tune_source(source: list[str]) -> list[str]:
+    """Prompts serve-check tunes on: mbpp beside the benchmarks (not benchmarked), else the
+    held-out prompts."""
+    if "--eval-dir" in source and (Path(source[source.index("--eval-dir") + 1]) / "mbpp.jsonl").is_file():
+        return ["--tune-datasets", "mbpp"]
+    return ["--tune-datasets", source[source.index("--datasets") + 1]]
+
+
+def _prompts_file(held: Path) -> Path:
+    """held-out conversations -> {"turns": [user turns]} JSONL (the eval format)."""
+    from draftsmith.data.conversations import read_conversations
+
+    out = held.with_name(held.stem + "-prompts.jsonl")
+    with open(out, "w", encoding="utf-8") as f:
+        for record in read_conversations(str(held)).records:
+            turns = [m["content"] for m in record["conversations"] if m["role"] == "user" and m["content"]]
+            if turns:
+                f.write(json.dumps({"turns": turns}) + "\n")
+    return out
 
 
 def _eval_stage(out: Path, draft: Path, source: list[str], args) -> tuple[int, list[str]]:
@@ -162,15 +190,31 @@ def _serve_stage(out: Path, draft: Path, source: list[str], args) -> tuple[int, 
     from draftsmith.serve import check
 
     served_out = out / "served"
-    rc = _sub_run(check, ["--draft", str(draft), *source, "--max-samples", str(args.eval_samples),
-                          "--max-new-tokens", str(args.eval_tokens), "--out", str(served_out),
+    rc = _sub_run(check, ["--draft", str(draft), *source, *_tune_source(source),
+                          "--max-samples", str(args.eval_samples), "--max-new-tokens", str(args.eval_tokens),
+                          "--tune-samples", "3", "--tune-max-new-tokens", "64", "--out", str(served_out),
                           "--no-progress"])
     path = served_out / "served.json"
     if not path.is_file():
         return rc or 1, [f"draftsmith serve-check failed (exit {rc})"]
     result = json.loads(path.read_text(encoding="utf-8"))
     return rc, [f"exit {rc} ({'served τ within tolerance of offline τ' if rc == 0 else 'PARITY MISS'})",
-                *check.table(result)]
+                *check.table(result), truth(result, args.draft)]
+
+
+def truth(result: dict, trained: str | None) -> str:
+    """The demo's last line: what this draft buys when served here, next to the measured figure
+    for the shipped recipe's draft (or nothing more, when a trained draft was passed in)."""
+    from draftsmith.serve import check
+
+    line = f"this draft, served: {check.summary_line(result)}"
+    if trained:
+        return line
+    if not REFERENCE.is_file():
+        return line + "; the shipped recipe's draft has no measured served figure yet"
+    ref = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    return (line + f"; the shipped smollm2-135m/dspark recipe's draft (README): {ref['speedup']:.2f}× "
+            f"(served τ {ref['served_tau']:.2f}, break-even τ {ref['break_even_tau']:.2f}) on {ref['cpu']}")
 
 
 def run(args) -> int:
@@ -221,11 +265,13 @@ def run(args) -> int:
     _stage(report, "chat rendering and loss masks", t0, lines)
 
     t0 = time.time()
-    data = shared if shared.is_file() else slice_out
-    lines = _train_stage(out, data, args)
-    _stage(report, "training (DSpark)", t0, lines)
-
-    draft = out / "run-dspark" / "step_latest"
+    if args.draft:
+        draft = Path(args.draft)
+        _stage(report, "training (DSpark)", t0, [f"skipped: the trained draft {draft} is evaluated and served"])
+    else:
+        data = shared if shared.is_file() else slice_out
+        _stage(report, "training (DSpark)", t0, _train_stage(out, data, args))
+        draft = out / "run-dspark" / "step_latest"
     source = _eval_source(args, held)
     status = 0
     for title, stage in (("evaluation (draftsmith eval, T=0)", lambda: _eval_stage(out, draft, source, args)),
@@ -235,6 +281,9 @@ def run(args) -> int:
         rc, lines = stage()
         _stage(report, title, t0, lines)
         status = status or rc
+    last = lines[-1]  # the served stage's truth line (or its failure)
+    report.append(f"**{last}**\n")
     (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
     print(f"[quickstart] report: {out / 'report.md'}")
+    print(f"[quickstart] {last}")
     return status

@@ -34,7 +34,8 @@ from torch import nn
 from draftsmith.export.deepspec import DeepSpecFormat
 from draftsmith.export.eagle3 import Eagle3Format
 from draftsmith.export.formats import (
-    DTYPES, DraftsmithFormat, FormatAdapter, ReadContext, WriteContext, most_specific, takes_config,
+    DTYPES, GGUF_QUANT_DTYPES, DraftsmithFormat, FormatAdapter, ReadContext, WriteContext, most_specific,
+    takes_config, torch_dtype,
 )
 from draftsmith.export.gguf import GGUF_ADAPTERS, serve_settings
 from draftsmith.export.manifest import (
@@ -48,7 +49,7 @@ from draftsmith.export.manifest import (
 )
 from draftsmith.utils.io import InputError, atomic_dir, atomic_write_json
 
-__all__ = ["ADAPTERS", "DTYPES", "FORMATS", "export", "formats_for", "import_draft", "resolve_draft_dir"]
+__all__ = ["ADAPTERS", "DTYPES", "GGUF_QUANT_DTYPES", "FORMATS", "export", "formats_for", "import_draft", "resolve_draft_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,16 @@ def _provenance(src: Path) -> dict:
 def export(draft_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
            target: str | None = None, dtype: str = "bf16", manifest_extra: dict | None = None) -> Path:
     """Export the draft at `draft_dir` (any layout `import_draft` reads; a run dir means its
-    step_latest) as `fmt` into `out_dir`, weights cast to `dtype` (bf16 | fp16 | fp32), with a
+    step_latest) as `fmt` into `out_dir`, weights cast to `dtype` (bf16 | fp16 | fp32; for gguf also q8_0, quantized by
+    llama.cpp's converter from fp32), with a
     manifest. `target` defaults to the training recipe's (or the source manifest's) target.
-    `manifest_extra` is merged into the manifest (`serve.p_min` is validated and applied)."""
+    `manifest_extra` is merged into the manifest (`serve.p_min` and `serve.n_max` are validated and
+    applied)."""
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype not in DTYPES and not (fmt == "gguf" and dtype in GGUF_QUANT_DTYPES):
+        quant = f" (GGUF also {', '.join(GGUF_QUANT_DTYPES)})" if dtype in GGUF_QUANT_DTYPES else ""
+        raise InputError(f"--dtype {dtype!r} for --format {fmt}: choose one of {', '.join(DTYPES)}{quant}")
     out = Path(out_dir)
     with atomic_dir(out, marker=MANIFEST_FILE) as staging:
         src = resolve_draft_dir(draft_dir)
@@ -158,9 +162,10 @@ def export(draft_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *
         info = describe_target(name)
         cfg = model.config
         check_target_matches(cfg, info)
-        model = model.to(DTYPES[dtype])
+        model = model.to(torch_dtype(dtype))
         extra = dict(manifest_extra or {})
-        serve = serve_settings(cfg, (extra.pop("serve", None) or {}).get("p_min"))
+        wanted = extra.pop("serve", None) or {}
+        serve = serve_settings(cfg, wanted.get("p_min"), wanted.get("n_max"))
         adapter = adapter_for(fmt, cfg)
         adapter.check(cfg)
         ctx = WriteContext(dtype, info)

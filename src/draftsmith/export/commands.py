@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from draftsmith.export import DTYPES, FORMATS, export
+from draftsmith.export import DTYPES, FORMATS, GGUF_QUANT_DTYPES, export, resolve_draft_dir
 from draftsmith.export.manifest import describe_target, read_manifest
+from draftsmith.utils.io import InputError
 
 DESCRIPTION = """Export a draft for an engine. Formats:
   deepspec     DeepSpec-compatible DSpark / DFlash (a pruned head: the llama.cpp extension)
@@ -32,12 +33,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None,
                    help="the draft's target (alias, .gguf, HF dir, hub id); default: the training "
                         "recipe's (RUN/recipe.json) or the source manifest's")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+    p.add_argument("--dtype", default=None, choices=[*DTYPES, *GGUF_QUANT_DTYPES],
                    help="weight dtype (default: f16 for gguf, what llama.cpp's CPU kernels run best; "
-                        "bf16 otherwise, DeepSpec's checkpoint dtype)")
+                        "bf16 otherwise, DeepSpec's checkpoint dtype); q8_0: gguf only")
     p.add_argument("--p-min", type=float, default=None,
                    help="serve setting for the manifest: llama.cpp's --spec-draft-p-min (drafts "
                         "with a confidence head only)")
+    p.add_argument("--n-max", type=int, default=None,
+                   help="serve setting for the manifest: llama.cpp's --spec-draft-n-max (default: the "
+                        "draft's block, or the tuned value)")
+    p.add_argument("--ignore-tuning", action="store_true",
+                   help="gguf: ignore DRAFT/serve_tuning.json (the settings `serve-check` measured)")
     p.add_argument("--check-serve", action="store_true",
                    help="gguf: also load target + draft in llama-server and answer one request "
                         "(a non-GGUF target is converted to f16 once, into the cache)")
@@ -57,11 +63,34 @@ def _summary(out, manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def tuned_settings(args) -> dict:
+    """For `--format gguf`: the dtype, n_max and p_min `serve-check` measured for this draft
+    (DRAFT/serve_tuning.json, `serve.tune`), where flags leave them open."""
+    if args.format != "gguf" or args.ignore_tuning:
+        return {}
+    path = resolve_draft_dir(args.draft) / "serve_tuning.json"
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        choice, machine = saved["choice"], saved["machine"]
+        tuned = {"dtype": choice["dtype"], "n_max": int(choice["n_max"]), "p_min": choice["p_min"] or None}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path}: not a serve tuning ({e}); pass --ignore-tuning or rerun serve-check "
+                         "--retune") from None
+    print(f"serve settings from {path} (measured on {machine.get('cpu')}, target file "
+          f"{machine.get('target_file')}): {tuned}; flags override", file=sys.stderr)
+    return tuned
+
+
 def run(args: argparse.Namespace) -> int:
-    extra = {"serve": {"p_min": args.p_min}} if args.p_min is not None else None
-    dtype = args.dtype or ("fp16" if args.format == "gguf" else "bf16")
+    tuned = tuned_settings(args)
+    p_min = args.p_min if args.p_min is not None else tuned.get("p_min")
+    n_max = args.n_max if args.n_max is not None else tuned.get("n_max")
+    serve = {k: v for k, v in (("p_min", p_min), ("n_max", n_max)) if v is not None}
+    dtype = args.dtype or tuned.get("dtype") or ("fp16" if args.format == "gguf" else "bf16")
     out = export(args.draft, args.format, args.out, target=args.target, dtype=dtype,
-                 manifest_extra=extra)
+                 manifest_extra={"serve": serve} if serve else None)
     manifest = read_manifest(out)
     print(_summary(out, manifest))
     if args.check_serve:

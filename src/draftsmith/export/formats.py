@@ -31,6 +31,14 @@ from draftsmith.models.io import CONFIG_FILE, WEIGHTS_FILE, load_draft, write_dr
 from draftsmith.utils.io import InputError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Weight types only a GGUF export writes: llama.cpp's converter quantizes the fp32-staged draft.
+GGUF_QUANT_DTYPES = ("q8_0",)
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype the draft is cast to before writing: a DTYPES key's own, fp32 for a GGUF
+    quantized type (the converter quantizes from full precision)."""
+    return DTYPES[dtype] if dtype in DTYPES else torch.float32
 
 
 @dataclass
@@ -38,12 +46,12 @@ class WriteContext:
     """What a write needs besides the draft: the export dtype (the draft is already cast to it)
     and the target the export is made for."""
 
-    dtype: str  # a DTYPES key
+    dtype: str  # a DTYPES key, or a GGUF_QUANT_DTYPES one for `--format gguf`
     target: TargetInfo
 
     @property
     def dtype_name(self) -> str:
-        return str(DTYPES[self.dtype]).removeprefix("torch.")
+        return str(torch_dtype(self.dtype)).removeprefix("torch.")
 
     @cached_property
     def verifier(self) -> dict:

@@ -38,7 +38,8 @@ from draftsmith.utils.io import InputError
 from draftsmith.utils.paths import cache_root
 
 GGUF_FILE = "draft.gguf"
-OUTTYPES = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}
+OUTTYPES = {"bf16": "bf16", "fp16": "f16", "fp32": "f32", "q8_0": "q8_0"}
+DRAFT_GGUF_TYPES = tuple(OUTTYPES)  # what `export --format gguf --dtype` writes
 
 
 class GGUFFormat(FormatAdapter):
@@ -84,7 +85,8 @@ class GGUFFormat(FormatAdapter):
 
     def write(self, draft, out_dir, ctx: WriteContext) -> list[str]:
         """Stage the draft (its tensors in the export dtype) and run llama.cpp's converter with
-        the matching outtype (bf16 | fp16 -> f16 | fp32 -> f32)."""
+        the matching outtype (bf16 | fp16 -> f16 | fp32 -> f32 | q8_0, quantized by the converter
+        from the fp32-staged tensors; 1-D tensors stay f32)."""
         dtype_name = str(draft.fc.weight.dtype).removeprefix("torch.")
         with tempfile.TemporaryDirectory(prefix="draftsmith-gguf-") as tmp:
             staging = Path(tmp) / "draft"
@@ -226,18 +228,27 @@ def expected_tensors(cfg) -> tuple[set[str], set[str]]:
     return gguf_adapter(cfg).tensors(cfg)
 
 
-def serve_settings(cfg, p_min: float | None = None) -> dict:
-    """llama.cpp settings the draft was trained for (the manifest's `serve`, whatever the
-    format): `spec_type` and `n_max` from the draft's GGUF adapter (`llama_server`). `p_min`
-    (truncate at the first slot whose σ(c_k) < p_min) needs a confidence head."""
-    spec_type, n_max = gguf_adapter(cfg).llama_server(cfg)
+def serve_settings(cfg, p_min: float | None = None, n_max: int | None = None,
+                   names: tuple[str, str] = ("serve.p_min", "serve.n_max")) -> dict:
+    """llama.cpp settings for the draft (the manifest's `serve`, whatever the format):
+    `spec_type` from the draft's GGUF adapter (`llama_server`); `n_max` (draft tokens per round)
+    defaults to the most the draft proposes (its block), and may be smaller; `p_min` (truncate
+    at the first slot whose σ(c_k) < p_min) needs a confidence head. `names`: what errors call
+    p_min and n_max (a command passes its flags)."""
+    spec_type, most = gguf_adapter(cfg).llama_server(cfg)
+    if n_max is not None and not 1 <= n_max <= most:
+        raise InputError(f"{names[1]} {n_max}: this {cfg.drafter} draft proposes at most {most} "
+                         f"tokens per round (block_size {getattr(cfg, 'block_size', most)}); "
+                         f"choose 1..{most}")
     if p_min is not None and not getattr(cfg, "enable_confidence_head", False):
-        raise InputError(f"serve.p_min {p_min}: llama.cpp truncates on the confidence head and "
+        raise InputError(f"{names[0]} {p_min}: llama.cpp truncates on the confidence head and "
                          "refuses --spec-draft-p-min for a draft without one")
+    n_max = most if n_max is None else n_max
     args = ["--spec-type", spec_type, "--spec-draft-n-max", str(n_max)]
     if p_min is not None:
         args += ["--spec-draft-p-min", str(p_min)]
-    return {"spec_type": spec_type, "n_max": n_max, "p_min": p_min, "llama_server_args": args}
+    return {"spec_type": spec_type, "n_max": n_max, "max_n_max": most, "p_min": p_min,
+            "llama_server_args": args}
 
 
 _TENSOR_NAMES = r"""

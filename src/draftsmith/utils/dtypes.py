@@ -9,6 +9,8 @@ are another matter and are never chosen here.
 from __future__ import annotations
 
 import functools
+import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,22 @@ def _cpuinfo_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """This CPU as timings should name it: model name, cores, torch's capability (e.g.
+    "AMD EPYC, 2 cores, AVX2")."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,114 @@
+"""Choosing llama.cpp's serve settings from held-out rounds and a measured cost curve
+(`serve.tune`): the cost model, the p_min rule applied to recorded rounds, the choice, and the
+draft's fixed cost recovered from a served run's totals."""
+
+import math
+
+import pytest
+import torch
+
+from draftsmith.decoding import RoundRecord
+from draftsmith.eval.calibration import CalibrationSet
+from draftsmith.serve.tune import CostModel, choose, expected, round_overhead, round_set
+
+CURVE = {1: 1.0, 2: 1.5, 3: 2.0, 4: 2.2}
+
+
+def rounds(logits, verified, accepted) -> CalibrationSet:
+    return CalibrationSet(torch.tensor(logits, dtype=torch.float64), torch.tensor(verified),
+                          torch.tensor(accepted))
+
+
+def test_cost_model_interpolates_and_extrapolates():
+    cost = CostModel(CURVE, overhead=0.25)
+    assert cost.verify(2) == 1.5
+    assert cost.verify(2.5) == pytest.approx(1.75)
+    assert cost.verify(6) == pytest.approx(2.2 + 2 * 0.2)  # the last segment's slope
+    assert cost.round_cost(0) == pytest.approx(1.25)  # a round that drafts nothing: a plain step + the draft
+    assert cost.round_cost(2) == pytest.approx(1.25 + 1.0)
+    with pytest.raises(ValueError, match="n = 1"):
+        CostModel({2: 1.5, 3: 2.0})
+
+
+def test_p_min_keeps_the_confident_rounds_and_the_choice_follows():
+    # round A: confident and right (both slots accepted); round B: unsure and wrong
+    data = rounds([[5.0, 5.0], [-5.0, -5.0]], [2, 2], [2, 0])
+    cost = CostModel(CURVE, overhead=0.2)
+    full = expected(data, 0.0, cost)
+    # tokens 3 + 1, cost 2 rounds x (1.2 + verify(3) - verify(1)) = 4.4
+    assert full["tau"] == 2.0 and full["speedup"] == pytest.approx(4 / 4.4)
+    cut = expected(data, 0.5, cost)
+    # A keeps both (cost 2.2), B drafts nothing (cost 1.2): same tokens, less cost
+    assert cut["tau"] == 2.0 and cut["drafted_per_round"] == 1.0
+    assert cut["speedup"] == pytest.approx(4 / 3.4)
+    best = choose({2: data}, {"fp16": cost}, has_confidence=True)["best"]
+    assert best["p_min"] == 0.05 and best["speedup"] == pytest.approx(4 / 3.4)  # ties: the smallest
+
+
+def test_an_anti_calibrated_head_is_not_trusted():
+    # negative control: the confident round is the wrong one, so truncating loses tokens
+    data = rounds([[-5.0, -5.0], [5.0, 5.0]], [2, 2], [2, 0])
+    cost = CostModel(CURVE, overhead=0.2)
+    assert expected(data, 0.5, cost)["speedup"] < expected(data, 0.0, cost)["speedup"]
+    assert choose({2: data}, {"fp16": cost}, has_confidence=True)["best"]["p_min"] == 0.0
+
+
+def test_the_choice_weighs_dtype_n_max_and_drafts_without_confidence():
+    long = rounds([[float("nan")] * 3] * 2, [3, 3], [1, 0])  # n_max 3: 1 + 2 tokens, costly
+    short = rounds([[float("nan")]] * 2, [1, 1], [1, 0])  # n_max 1: the same tokens, cheaper
+    costs = {"fp16": CostModel(CURVE, overhead=0.4), "q8_0": CostModel(CURVE, overhead=0.2)}
+    out = choose({3: long, 1: short}, costs, has_confidence=False)
+    assert {r["p_min"] for r in out["table"]} == {0.0}  # no head: llama.cpp refuses p_min
+    assert len(out["table"]) == 4
+    best = out["best"]
+    assert (best["dtype"], best["n_max"]) == ("q8_0", 1)
+    assert best["speedup"] == pytest.approx(3 / (2 * (1.2 + 0.5)))
+
+
+def test_round_overhead_recovers_the_draft_cost_from_served_totals():
+    cost = CostModel(CURVE)
+    # 10 rounds drafting 2 tokens each, 25 tokens; a round really costs 1 + 0.3 + (2.0 - 1.0)
+    per_round = 1.3 + 1.0
+    served = {"rounds": 10, "drafted": 20, "tokens": 25, "plain_decode_tokens_per_s": 100.0,
+              "decode_tokens_per_s": 2.5 * 100.0 / per_round}
+    assert round_overhead(served, cost) == pytest.approx(0.3)
+    assert round_overhead({**served, "rounds": 0}, cost) is None
+
+
+def test_round_set_reads_engine_rounds_with_and_without_confidence():
+    with_conf = RoundRecord(rows=[0, 1], drafted=[2, 2], proposed=[2, 2], accepted=[1, 2],
+                            committed=[2, 3], cut=["", ""], draft_s=0.0, verify_s=0.0,
+                            confidence=[[0.5, -1.0], [2.0, 3.0]])
+    plain = RoundRecord(rows=[0], drafted=[3], proposed=[3], accepted=[0], committed=[1], cut=[""],
+                        draft_s=0.0, verify_s=0.0)
+    data = round_set([with_conf, plain])
+    assert data.rounds == 3 and data.positions == 3
+    assert data.verified.tolist() == [2, 2, 3] and data.accepted.tolist() == [1, 2, 0]
+    assert data.logits[0, :2].tolist() == [0.5, -1.0] and math.isnan(data.logits[0, 2])
+    assert torch.isnan(data.logits[2]).all()
+    # p_min on raw sigmoid: row 0 keeps slot 1 only (σ(0.5) ≥ 0.5 > σ(-1)), row 1 both, row 2 none
+    e = expected(data, 0.5, CostModel(CURVE))
+    assert e["drafted_per_round"] == pytest.approx((1 + 2 + 0) / 3)
+    assert e["tau"] == pytest.approx((2 + 3 + 1) / 3)
+
+
+def test_bench_served_grid_expands_every_combination():
+    import importlib.util
+    from pathlib import Path
+
+    from draftsmith.utils.io import InputError
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "served.py"
+    spec = importlib.util.spec_from_file_location("bench_served", path)
+    served = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(served)
+    grid = served.parse_grid("dtype=fp16,q8_0; n_max=1,4; p_min=0,0.4")
+    assert grid == {"dtype": ["fp16", "q8_0"], "n_max": [1, 4], "p_min": [0.0, 0.4]}
+    rows = served.expand_grid([("d", "RUN", {"n_max": 2})], grid)
+    assert len(rows) == 8 and len({name for name, _, _ in rows}) == 8
+    assert ("d q8_0 n4 p0.4", "RUN", {"n_max": 4, "dtype": "q8_0", "p_min": 0.4}) in rows
+    assert ("d fp16 n1 p0", "RUN", {"n_max": 1, "dtype": "fp16"}) in rows  # p_min 0: flag left off
+    assert served.expand_grid([("d", "RUN", {})], {}) == [("d", "RUN", {})]
+    for bad in ("temperature=1", "n_max", "n_max="):
+        with pytest.raises(InputError, match="--grid"):
+            served.parse_grid(bad)
