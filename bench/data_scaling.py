@@ -9,7 +9,8 @@ ShareGPT conversations). Points, `--points` (comma-separated):
     regen:N   the first N regenerated answers (`--regen`, the target's own text)
     raw:N     the first N conversations of `--raw` (`data prepare --source sharegpt`: human text;
               every assistant turn, the labels taken from the target's p_t), N = all for every one
-    mix:N:R   N regenerated answers plus R x N raw conversations (`data.mix`)
+    mix:N:R   N regenerated answers plus raw conversations making share R of the set (`data.mix`
+              ratio R in [0, 1): R / (1 - R) x N raw records)
 
 Labels come from p_t for every point (`--loss`, default 0.9 L1 + 0.1 CE-argmax + 1 BCE: the
 text's own tokens are never a label, so human text and the target's text are compared on equal

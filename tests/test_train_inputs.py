@@ -258,11 +258,36 @@ def test_heldout_conversations_never_reach_training_through_another_source(world
     held_keys = {conversation_key(s.id) for s in data.heldout}
     assert held_keys and not held_keys & {conversation_key(s.id.split(":")[-1]) for s in data.train}
     n_main = sum(not s.id.startswith("mix") for s in data.train)
-    assert sum(s.id.startswith("mix0:") for s in data.train) == round(0.5 * n_main)
+    assert sum(s.id.startswith("mix0:") for s in data.train) == round(0.5 / (1 - 0.5) * n_main)  # half the set
     assert any("held-out conversation record(s) excluded" in line for line in data.lines)
 
     # negative control: the exclusion is what keeps them out (the raw source holds the held-out ids)
     assert {conversation_key(r.split(":")[-1]) for r in (f"c{i}_1" for i in range(40))} >= held_keys
+
+
+def test_mix_ratio_is_a_share_in_0_1(world, tmp_path):
+    """data.mix ratio: a source's share of the training records; outside [0, 1] or shares that
+    leave --data nothing: one line naming the field."""
+    from draftsmith.config import build_config
+    from draftsmith.targets.model import load_tokenizer
+    from draftsmith.train.dataset import prepare_data
+    from draftsmith.train.recipe import DataConfig
+
+    for bad in (1.5, -0.1):
+        with pytest.raises(InputError, match=r"recipe.yaml: mix\.0\.ratio: ") as e:
+            build_config(DataConfig, {"mix": [{"path": "raw.jsonl", "ratio": bad}]}, where="recipe.yaml")
+        assert "\n" not in str(e.value)
+    tok = load_tokenizer(str(world["llama"]))
+    main = _write(tmp_path / "regen.jsonl", [_conv(f"c{i}_0") for i in range(20)])
+    raw = _write(tmp_path / "raw.jsonl", [_conv(f"r{i}_0", "raw words") for i in range(30)])
+    with pytest.raises(InputError, match="data.mix ratios sum to 1"):
+        prepare_data(str(main), tok, _data_cfg(heldout_fraction=0.0, mix=[{"path": str(raw), "ratio": 0.6},
+                                                                          {"path": str(raw), "ratio": 0.4}]))
+    data = prepare_data(str(main), tok, _data_cfg(heldout_fraction=0.0, mix=[{"path": str(raw), "ratio": 0.2}]))
+    assert sum(s.id.startswith("mix0:") for s in data.train) == 5  # 0.2 of 25 records
+    data = prepare_data(str(main), tok, _data_cfg(heldout_fraction=0.0, mix=[{"path": str(raw), "ratio": 0.9}]))
+    assert sum(s.id.startswith("mix0:") for s in data.train) == 30  # asks 180: all 30, and says so
+    assert any("asks for 180 records, the source has 30: all used" in line for line in data.lines)
 
 
 def test_long_records_become_windows_instead_of_being_cut(world, tmp_path):

@@ -42,12 +42,20 @@ def _render(tokenizer, records: list[dict], cfg: DataConfig, what: str,
 def _mix_records(cfg: DataConfig, n_main: int, held_keys: set[str]) -> tuple[list[dict], list[str]]:
     """The records of `cfg.mix`, held-out conversations removed, ids prefixed `mix<i>:`."""
     out, lines = [], []
+    shares = sum(src.ratio or 0.0 for src in cfg.mix)
+    if shares >= 1:
+        raise InputError(f"data.mix ratios sum to {shares:g}: each is a source's share of the training "
+                         "records, so together they must stay below 1 (--data keeps the rest)")
     for i, src in enumerate(cfg.mix):
         records, notes = _read(src.path)
         kept = [r for r in records if sharegpt_conversation(str(r["id"])) not in held_keys]
         excluded = len(records) - len(kept)
         if src.ratio is not None:
-            kept = kept[: round(src.ratio * n_main)]
+            wanted = round(src.ratio / (1 - shares) * n_main)
+            if wanted > len(kept):
+                lines.append(f"data.mix[{i}] {src.path}: ratio {src.ratio:g} asks for {wanted} records, "
+                             f"the source has {len(kept)}: all used")
+            kept = kept[:wanted]
         out += [{**r, "id": f"mix{i}:{r['id']}"} for r in kept]
         lines.append(f"data.mix[{i}] {src.path}: {len(kept)} records used; {excluded} held-out "
                      f"conversation record(s) excluded; {len(notes)} unusable line(s)")

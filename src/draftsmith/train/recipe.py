@@ -26,8 +26,9 @@ class MixSource(StrictConfig):
     whose labels a distillation loss takes from the target's p_t)."""
 
     path: str
-    # records of this source per training record of --data (None: all of them), first in file order
-    ratio: float | None = Field(None, gt=0)
+    # this source's share of the training records, in [0, 1] (None: all of its records), first in
+    # file order: with --data's n records and shares r_i, source i gives r_i / (1 - Σ r) · n
+    ratio: float | None = Field(None, ge=0, le=1)
 
 
 class DataConfig(StrictConfig):
