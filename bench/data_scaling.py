@@ -50,6 +50,7 @@ def point_runs(spec: str, regen: str, raw: str | None) -> tuple[str, list[str]]:
     """A point's --data and recipe overrides."""
     kind, *args = spec.split(":")
     limit = [] if args and args[0] == "all" else [f"data.limit={int(args[0])}"] if args else []
+    limit.append("features.top_k=null")  # exact p_t for every point (online features have no top-k)
     if kind == "regen":
         return regen, limit + ["features.mode=cache"]
     if raw is None:

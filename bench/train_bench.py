@@ -11,7 +11,8 @@ first step is a warm-up, and the table reports anchor-blocks/s
 (supervised blocks of γ slots; Eagle3: TTT chains), supervised slots/s, and peak RSS (CPU) or
 peak allocated memory (GPU). Numbers are this machine's, now: run it again before comparing.
 `--top-k K` runs every drafter twice, interleaved, from the exact cache and from a top-K cache
-(`features.top_k`: p_t read from the stored top K instead of the full-vocabulary head each step).
+(`features.top_k`: p_t read from the stored top K instead of the full-vocabulary head each step);
+without it each drafter runs its recipe's own setting (smollm2 dspark/dflash: top-32).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def child(drafter: str, target: str, data: str, steps: int, limit: int, threads:
     from draftsmith.train.setup import build_setup
 
     sets = [f"data.limit={limit}"] + ([f"train.threads={threads}"] if threads else [])
-    recipe = load_recipe(f"{target}/{drafter}", sets + ([f"features.top_k={top_k}"] if top_k else []))
+    # top_k None: the recipe's own p_t source; 0: the exact p_t; K: a top-K cache
+    recipe = load_recipe(f"{target}/{drafter}", sets + ([f"features.top_k={top_k or 'null'}"] if top_k is not None else []))
     info = init_distributed()
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -62,7 +64,7 @@ def child(drafter: str, target: str, data: str, steps: int, limit: int, threads:
     peak = (torch.cuda.max_memory_allocated() if info.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     trainable = sum(p.numel() for p in trainer.params)
-    return {"drafter": drafter, "top_k": top_k, "prefetch": trainer.prefetch, "blocks_per_s": blocks / elapsed, "slots_per_s": slots / elapsed,
+    return {"drafter": drafter, "top_k": recipe.features.top_k, "prefetch": trainer.prefetch, "blocks_per_s": blocks / elapsed, "slots_per_s": slots / elapsed,
             "s_per_step": elapsed / steps, "peak_bytes": peak, "device": info.device.type,
             "trainable_params": trainable, "block_size": s.model.config.block_size
             if hasattr(s.model.config, "block_size") else s.model.config.ttt_length}
@@ -102,7 +104,7 @@ def main() -> int:
                    help="make the next step's batches on the prefetch thread or inline (auto: as the "
                         "loop does, on GPUs only)")
     p.add_argument("--drafters", default=",".join(REGISTRY), help="comma-separated (default: all)")
-    p.add_argument("--top-k", type=int, default=None, help="also run each drafter from a top-K p_t cache")
+    p.add_argument("--top-k", type=int, default=None, help="run each drafter from the exact p_t and from a top-K cache (0: exact only)")
     p.add_argument("--child", choices=list(REGISTRY), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -114,11 +116,11 @@ def main() -> int:
         p.error(f"--drafters {','.join(unknown)}: not a drafter; known: {', '.join(REGISTRY)}")
     results = []
     for d in a.drafters.split(","):
-        for k in [None, a.top_k] if a.top_k else [None]:
+        for k in [0, a.top_k] if a.top_k else [None]:
             out = subprocess.run([sys.executable, __file__, "--child", d, "--target", a.target, "--data", a.data,
                                   "--steps", str(a.steps), "--limit", str(a.limit), "--prefetch", a.prefetch]
                                  + (["--threads", str(a.threads)] if a.threads else [])
-                                 + (["--top-k", str(k)] if k else []),
+                                 + (["--top-k", str(k)] if k is not None else []),
                                  capture_output=True, text=True, check=False)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:

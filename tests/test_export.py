@@ -538,7 +538,7 @@ def test_serve_check_end_to_end(tmp_path, llama_target, capsys, monkeypatch):
     args = serve_check_args("--draft", src, "--datasets", prompts, "--max-new-tokens", "12",
                             "--peers", "ngram-simple", "--threads", "1", "--no-progress",
                             "--tune-datasets", prompts, "--tune-samples", "1", "--tune-max-new-tokens", "8",
-                            "--plain-types", "f32", "--out", tmp_path / "sc")
+                            "--plain-types", "f32", "--p-min", "0", "--out", tmp_path / "sc")  # random draft: keep drafting
     code = check.run(args)
     result = json.loads((tmp_path / "sc" / "served.json").read_text())
     m = result["draft"]["datasets"]["p"]
@@ -561,7 +561,7 @@ def test_serve_check_end_to_end(tmp_path, llama_target, capsys, monkeypatch):
     tuning = json.loads((src / check.TUNING_FILE).read_text())
     assert set(tuning["probes"]) == {"fp16", "q8_0"} and {r["n_max"] for r in tuning["table"]} == {1, 2, 3}
     best = tuning["choice"]
-    assert result["serve"] == {"dtype": best["dtype"], "n_max": best["n_max"], "p_min": best["p_min"] or None}
+    assert result["serve"] == {"dtype": best["dtype"], "n_max": best["n_max"], "p_min": None}  # the flag wins
     served_manifest = read_manifest(tmp_path / "sc" / "draft-gguf")
     assert served_manifest["dtype"] == best["dtype"] and served_manifest["serve"]["n_max"] == best["n_max"]
     server_args = result["config"]["llama_server_args"]

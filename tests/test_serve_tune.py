@@ -112,3 +112,37 @@ def test_bench_served_grid_expands_every_combination():
     for bad in ("temperature=1", "n_max", "n_max="):
         with pytest.raises(InputError, match="--grid"):
             served.parse_grid(bad)
+
+
+def test_the_draft_cost_splits_into_fixed_per_slot_and_drafting():
+    from draftsmith.serve.tune import fit_overhead, idle_overhead
+
+    assert fit_overhead({1: 0.5, 4: 1.1}) == pytest.approx((0.3, 0.2, 0.0))
+    assert fit_overhead({4: 0.9}) == (0.9, 0.0, 0.0)  # one probe: all fixed
+    assert fit_overhead({1: 0.6, 4: 0.5}) == pytest.approx((0.6, 0.0, 0.0))  # noise never makes a slot free
+    # with a cut-everything probe: 0.75 at one slot when drafting, 0.3 when not
+    assert fit_overhead({1: 0.75, 4: 0.99}, idle=0.3) == pytest.approx((0.22, 0.08, 0.45))
+    assert fit_overhead({1: 0.5}, idle=0.9) == pytest.approx((0.5, 0.0, 0.0))  # idle above drafting: capped
+    assert idle_overhead({"decode_tokens_per_s": 80.0, "plain_decode_tokens_per_s": 100.0}) == pytest.approx(0.25)
+    assert idle_overhead({"decode_tokens_per_s": None, "plain_decode_tokens_per_s": 100.0}) is None
+    cost = CostModel(CURVE, overhead=0.3, per_slot=0.2, drafting=0.1)
+    assert cost.round_cost(0, 4) == pytest.approx(1 + 0.3 + 0.8)  # p_min cut everything: the draft still ran
+    assert cost.round_cost(1, 4) == pytest.approx(1 + 0.3 + 0.8 + 0.1 + 0.5)
+    # a longer block costs more even when both verify the same tokens, so the choice sees it
+    data = rounds([[5.0, -5.0, -5.0, -5.0]], [4], [1])
+    short = rounds([[5.0]], [1], [1])
+    out = choose({4: data, 1: short}, {"q8_0": cost}, has_confidence=True)
+    assert out["best"]["n_max"] == 1
+    assert expected(data, 0.5, cost, 4)["round_cost"] - expected(short, 0.5, cost, 1)["round_cost"] == pytest.approx(0.6)
+
+
+def test_a_cheap_cut_round_makes_p_min_pay():
+    # half the rounds confident and right, half unsure and wrong
+    data = rounds([[5.0]] * 2 + [[-5.0]] * 2, [1] * 4, [1, 1, 0, 0])
+    dear = CostModel(CURVE, overhead=0.6)  # a cut round costs as much as a drafting one
+    cheap = CostModel(CURVE, overhead=0.2, drafting=0.4)  # the same drafting cost, cheap cuts
+    for cost in (dear, cheap):
+        assert expected(data, 0.0, cost, 1)["round_cost"] == pytest.approx(1 + 0.6 + 0.5)
+    gain = {name: expected(data, 0.5, c, 1)["speedup"] / expected(data, 0.0, c, 1)["speedup"]
+            for name, c in (("dear", dear), ("cheap", cheap))}
+    assert gain["cheap"] > gain["dear"] > 1

@@ -55,6 +55,7 @@ from draftsmith.utils.dtypes import cpu_name
 
 log = logging.getLogger(__name__)
 TUNING_FILE = "serve_tuning.json"  # in the draft dir: the measured choice, reused on this machine
+TUNING_VERSION = 3
 QUANT_TAU_LOSS = 0.03  # a weight type whose probe τ falls more than this below the best is dropped
 PEERS = ("ngram-simple", "ngram-mod")
 COUNTERS = {"accepted": "llamacpp:spec_decode_num_accepted_tokens_total",
@@ -264,24 +265,41 @@ def measure_tuning(args, draft_dir: Path, cfg, target: str, target_gguf: Path, o
     base = tune.CostModel.from_measurement(curve)
     plain = pooled(serve_prompts(target_gguf, [], probe, n_tokens, args.ctx_size))
     probes, costs = {}, {}
+    most = gguf_export.serve_settings(cfg)["max_n_max"]
+    has_confidence = bool(getattr(cfg, "enable_confidence_head", False))
     for dtype in split_list(args.tune_dtypes):
-        _, draft_args = export_for_serving(draft_dir, out / "tune" / f"draft-{dtype}", target, dtype)
-        served = pooled(serve_prompts(target_gguf, draft_args, probe, n_tokens, args.ctx_size))
-        served["plain_decode_tokens_per_s"] = plain["decode_tokens_per_s"]
-        overhead = tune.round_overhead(served, base)
-        probes[dtype] = {"served_tau": served["served_tau"], "round_overhead": overhead,
-                         "decode_tokens_per_s": served["decode_tokens_per_s"]}
-        if overhead is not None:
-            costs[dtype] = tune.CostModel(base.batch, max(overhead, 0.0))
+        export_dir = out / "tune" / f"draft-{dtype}"
+        manifest, draft_args = export_for_serving(draft_dir, export_dir, target, dtype)
+        probes[dtype] = {"served_tau": None, "round_overhead": {}}
+        for n in sorted({1, most}):  # the draft's cost: fixed + per block slot
+            log.info("tuning: served probe of the %s draft at n_max %d (%d prompts)", dtype, n, len(probe["tune"]))
+            served = pooled(serve_prompts(target_gguf, [*draft_args[:2], *spec_args(manifest, n, None)],
+                                          probe, n_tokens, args.ctx_size))
+            served["plain_decode_tokens_per_s"] = plain["decode_tokens_per_s"]
+            overhead = tune.round_overhead(served, base)
+            if overhead is not None:
+                probes[dtype]["round_overhead"][n] = overhead
+            if n == most:
+                probes[dtype].update(served_tau=served["served_tau"], decode_tokens_per_s=served["decode_tokens_per_s"])
+        idle = None
+        if has_confidence:  # no round drafts at p_min 1: what a cut round costs
+            served = pooled(serve_prompts(target_gguf, [*draft_args[:2], *spec_args(manifest, 1, 1.0)],
+                                          probe, n_tokens, args.ctx_size))
+            idle = probes[dtype]["idle_overhead"] = tune.idle_overhead(
+                {**served, "plain_decode_tokens_per_s": plain["decode_tokens_per_s"]})
+        if probes[dtype]["round_overhead"]:
+            fixed, per_slot, drafting = tune.fit_overhead(probes[dtype]["round_overhead"], idle)
+            probes[dtype].update(fixed=fixed, per_slot=per_slot, drafting=drafting)
+            costs[dtype] = tune.CostModel(base.batch, fixed, per_slot, drafting)
     full_tau = max((p["served_tau"] or 0) for p in probes.values())
     for dtype, p in probes.items():  # a weight type that loses acceptance is not a candidate
         p["kept"] = dtype in costs and (p["served_tau"] or 0) >= (1 - QUANT_TAU_LOSS) * full_tau
         if not p["kept"]:
             costs.pop(dtype, None)
-    most = gguf_export.serve_settings(cfg)["max_n_max"]
+    log.info("tuning: held-out rounds of draftsmith's engine at n_max 1..%d", most)
     rounds = {n: offline.rounds(probe["tune"], n_tokens, n) for n in range(1, most + 1)}
-    choice = tune.choose(rounds, costs, bool(getattr(cfg, "enable_confidence_head", False)))
-    return {"version": 1, "machine": machine_key(target_gguf), "cost_curve": curve, "probes": probes,
+    choice = tune.choose(rounds, costs, has_confidence)
+    return {"version": TUNING_VERSION, "machine": machine_key(target_gguf), "cost_curve": curve, "probes": probes,
             "plain_decode_tokens_per_s": plain["decode_tokens_per_s"], "tune_datasets": args.tune_datasets,
             "tune_samples": args.tune_samples, "tune_max_new_tokens": n_tokens,
             "choice": choice["best"], "table": choice["table"]}
@@ -317,7 +335,7 @@ def read_tuning(draft_dir: Path) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); delete it or pass --retune") from None
-    return data if isinstance(data, dict) and data.get("version") == 1 else None
+    return data if isinstance(data, dict) and data.get("version") == TUNING_VERSION else None
 
 
 # --------------------------------------------------------------------------- the command
@@ -464,7 +482,8 @@ def assemble(args, draft_dir, target, target_gguf, draft_args, chosen, tuning, s
         m["speedup_vs_fastest"] = _speedup(m["served_tokens_per_s"], plains[fastest][ds]["served_tokens_per_s"])
         s, o = m["served_tau"], m["offline_tau"]
         m["parity"] = None if s is None or o is None else abs(s - o) / o
-        m["parity_ok"] = m["parity"] is not None and m["parity"] <= args.tolerance
+        # both None: neither side drafted a token under this rule (p_min cut every round)
+        m["parity_ok"] = (s is None and o is None) or (m["parity"] is not None and m["parity"] <= args.tolerance)
         if not m["parity_ok"]:
             failures.append(f"{ds}: served τ {s} vs offline τ {o}")
         result["draft"]["datasets"][ds] = m

@@ -5,14 +5,20 @@ Inputs, all measured:
 
 - the target file's **cost curve** (`batch_cost`): the ms of one plain decode step and of
   evaluating n tokens in one batch after a cached prefix (what a verification of n tokens costs);
-- the draft's **fixed cost per round** for each candidate weight type (`round_overhead`), from a
-  short served run: the measured ms per round minus what its verifications cost on the curve;
+- the draft's **own cost per round** for each candidate weight type, from short served probes:
+  n_max 1 and the full block with every round drafting (`round_overhead`: measured cost per round
+  minus what its verification costs on the curve) and n_max 1 with p_min 1 (no round drafts:
+  `idle_overhead`), split by `fit_overhead` into a part every round pays (the draft runs even when
+  p_min cuts everything), a part per block slot, and a part only drafting rounds pay (measured
+  here: the served verification of a draft costs more than the same batch on the curve);
 - held-out **rounds** of draftsmith's engine for each candidate n_max (`CalibrationSet`: raw
   confidence logits, drafted and accepted counts per round). llama.cpp feeds the draft a block
   of n_max tokens, and a DSpark block attends within itself, so every n_max has its own rounds.
 
-The model (`CostModel.round_cost`): a round that drafts d tokens costs one plain decode step,
-plus the draft's fixed cost, plus what evaluating d + 1 tokens costs beyond evaluating 1. Under
+The model (`CostModel.round_cost`): a round that drafts d tokens from a block of n slots costs
+one plain decode step, plus the draft's cost (fixed + n × per slot, also when p_min leaves d = 0:
+the draft has run), plus, when d > 0, the drafting extra and what evaluating d + 1 tokens costs
+beyond evaluating 1. Under
 llama.cpp's rule (truncate at the first slot whose raw σ(c_k) < p_min, `decoding.PMinRule`) a
 recorded round drafts d = its kept prefix and yields 1 + min(accepted, d) tokens — exact at
 T = 0 for a round that starts where the recorded one did (acceptance of a slot does not depend
@@ -68,6 +74,8 @@ class CostModel:
 
     batch: dict[int, float]  # n -> cost of evaluating n tokens in one batch, in plain steps
     overhead: float = 0.0  # the draft's fixed cost per round, in plain steps
+    per_slot: float = 0.0  # and its cost per slot of the block it runs
+    drafting: float = 0.0  # what a round that verifies drafted tokens pays beyond the curve
     sizes: list[int] = field(init=False)
 
     def __post_init__(self):
@@ -89,9 +97,11 @@ class CostModel:
         lo, hi = s[i - 1], s[i]
         return self.batch[lo] + (self.batch[hi] - self.batch[lo]) * (n - lo) / (hi - lo)
 
-    def round_cost(self, drafted: float) -> float:
-        """One plain step + the draft's fixed cost + what d drafted tokens add to the batch."""
-        return 1.0 + self.overhead + self.verify(drafted + 1) - self.verify(1)
+    def round_cost(self, drafted: float, slots: int = 0) -> float:
+        """One plain step + the draft's cost for a block of `slots` + what d drafted tokens add
+        to the batch."""
+        base = 1.0 + self.overhead + self.per_slot * slots
+        return base + (self.drafting + self.verify(drafted + 1) - self.verify(1) if drafted > 0 else 0.0)
 
 
 def round_overhead(served: dict, cost: CostModel) -> float | None:
@@ -120,7 +130,28 @@ def round_set(rounds: list[RoundRecord]) -> CalibrationSet:
                           torch.tensor([a for _, _, a in rows], dtype=torch.int64))
 
 
-def expected(data: CalibrationSet, p_min: float, cost: CostModel) -> dict:
+def idle_overhead(served: dict) -> float | None:
+    """The draft's cost per round in plain steps when no round drafts (p_min 1): every token is
+    one target step, so the cost is the slowdown."""
+    rate, plain = served.get("decode_tokens_per_s"), served.get("plain_decode_tokens_per_s")
+    return plain / rate - 1.0 if rate and plain else None
+
+
+def fit_overhead(drafting: dict[int, float], idle: float | None = None) -> tuple[float, float, float]:
+    """Draft costs measured with every round drafting ({block slots: cost per round}) and, for a
+    draft with a confidence head, with no round drafting at one slot (`idle`) -> (fixed, per
+    slot, drafting extra), each >= 0. Without `idle` the drafting extra is taken as 0 (the model
+    then charges a cut round the full cost: conservative for p_min)."""
+    (n1, o1), *rest = sorted(drafting.items())
+    per_slot = max((rest[-1][1] - o1) / (rest[-1][0] - n1), 0.0) if rest else 0.0
+    at_one = o1 - per_slot * (n1 - 1)  # drafting cost at one slot
+    if idle is None:
+        return max(at_one - per_slot, 0.0), per_slot, 0.0
+    idle = min(max(idle, 0.0), max(at_one, 0.0))
+    return max(idle - per_slot, 0.0), per_slot, max(at_one - idle, 0.0)
+
+
+def expected(data: CalibrationSet, p_min: float, cost: CostModel, slots: int = 0) -> dict:
     """τ, drafted tokens and cost per round, and the expected speedup over plain decoding, when
     every recorded round is truncated by llama.cpp's p_min rule."""
     if data.rounds == 0:
@@ -133,7 +164,7 @@ def expected(data: CalibrationSet, p_min: float, cost: CostModel) -> dict:
         kept = data.verified
     accepted = torch.minimum(data.accepted, kept)
     tokens = float((1 + accepted).sum())
-    costs = sum(cost.round_cost(d) for d in kept.tolist())
+    costs = sum(cost.round_cost(d, slots) for d in kept.tolist())
     return {"p_min": p_min, "tau": tokens / data.rounds, "drafted_per_round": float(kept.double().mean()),
             "round_cost": costs / data.rounds, "speedup": tokens / costs}
 
@@ -148,7 +179,7 @@ def choose(rounds: dict[int, CalibrationSet], costs: dict[str, CostModel], has_c
     for dtype, cost in costs.items():
         for n_max, data in sorted(rounds.items()):
             for p in (grid if has_confidence else [0.0]):
-                table.append({"dtype": dtype, "n_max": n_max, **expected(data, p, cost)})
+                table.append({"dtype": dtype, "n_max": n_max, **expected(data, p, cost, n_max)})
     if not table:
         raise ValueError("nothing to choose from: no rounds or no cost models")
     best = max(table, key=lambda r: (round(r["speedup"], 9), -r["n_max"], -r["p_min"]))
