@@ -247,8 +247,12 @@ def serve_settings(cfg, p_min: float | None = None, n_max: int | None = None,
     args = ["--spec-type", spec_type, "--spec-draft-n-max", str(n_max)]
     if p_min is not None:
         args += ["--spec-draft-p-min", str(p_min)]
-    return {"spec_type": spec_type, "n_max": n_max, "max_n_max": most, "p_min": p_min,
-            "llama_server_args": args}
+    return {"spec_type": spec_type, "n_max": n_max, "p_min": p_min, "llama_server_args": args}
+
+
+def max_n_max(cfg) -> int:
+    """The most draft tokens per round this draft proposes in llama.cpp (its full block)."""
+    return gguf_adapter(cfg).llama_server(cfg)[1]
 
 
 _TENSOR_NAMES = r"""

@@ -265,7 +265,7 @@ def measure_tuning(args, draft_dir: Path, cfg, target: str, target_gguf: Path, o
     base = tune.CostModel.from_measurement(curve)
     plain = pooled(serve_prompts(target_gguf, [], probe, n_tokens, args.ctx_size))
     probes, costs = {}, {}
-    most = gguf_export.serve_settings(cfg)["max_n_max"]
+    most = gguf_export.max_n_max(cfg)
     has_confidence = bool(getattr(cfg, "enable_confidence_head", False))
     for dtype in split_list(args.tune_dtypes):
         export_dir = out / "tune" / f"draft-{dtype}"
