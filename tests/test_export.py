@@ -639,3 +639,29 @@ def test_target_gguf_types(llama_target, tmp_path, monkeypatch):
     assert gguf.target_gguf(info, "f32") == f32 and f32.stat().st_mtime_ns == mtime
     with pytest.raises(InputError, match="target GGUF type 'q2_k'"):
         gguf.target_gguf(info, "q2_k")
+
+
+def test_export_reads_the_serve_tuning_of_the_draft(tmp_path, hf_target, target_dir):
+    """`export --format gguf` takes dtype, n_max and p_min from DRAFT/serve_tuning.json (what
+    serve-check measured), flags override, other formats and --ignore-tuning ignore it; a tuning
+    of another version is not used."""
+    src = make_draft(tmp_path, hf_target, target_dir, "dspark", "tuned", enable_confidence_head=True)
+    tuning = {"version": gguf.TUNING_VERSION, "machine": {"cpu": "x", "target_file": "t.gguf"},
+              "choice": {"dtype": "q8_0", "n_max": 1, "p_min": 0.6}}
+    (src / gguf.TUNING_FILE).write_text(json.dumps(tuning))
+
+    def args(*extra):
+        parser = argparse.ArgumentParser()
+        commands.add_args(parser)
+        return parser.parse_args(["--draft", str(src), "--out", str(tmp_path / "o"), *extra])
+
+    assert commands.tuned_settings(args("--format", "gguf")) == {"dtype": "q8_0", "n_max": 1, "p_min": 0.6}
+    assert commands.tuned_settings(args("--format", "deepspec")) == {}
+    assert commands.tuned_settings(args("--format", "gguf", "--ignore-tuning")) == {}
+    (src / gguf.TUNING_FILE).write_text(json.dumps({**tuning, "choice": {**tuning["choice"], "p_min": 0.0}}))
+    assert commands.tuned_settings(args("--format", "gguf"))["p_min"] is None  # 0 = off
+    (src / gguf.TUNING_FILE).write_text(json.dumps({**tuning, "version": 1}))
+    assert commands.tuned_settings(args("--format", "gguf")) == {}
+    (src / gguf.TUNING_FILE).write_text("{")
+    with pytest.raises(InputError, match="serve_tuning.json:1: invalid JSON"):
+        commands.tuned_settings(args("--format", "gguf"))

@@ -47,14 +47,20 @@ class CalibrationSet:
     accepted: torch.Tensor
 
     @classmethod
-    def from_rounds(cls, rounds: list[RoundRecord]) -> CalibrationSet:
-        rows = [(c, p, a) for r in rounds if r.confidence is not None
-                for c, p, a in zip(r.confidence, r.proposed, r.accepted) if len(c) > 0]
-        K = max((len(c) for c, _, _ in rows), default=0)
+    def from_rounds(cls, rounds: list[RoundRecord], require_confidence: bool = True) -> CalibrationSet:
+        """Row-rounds with confidence logits; with `require_confidence=False` every row-round
+        (logits NaN where the draft has none, verified = what was verified)."""
+        if require_confidence:
+            rows = [(c, p, a) for r in rounds if r.confidence is not None
+                    for c, p, a in zip(r.confidence, r.proposed, r.accepted) if len(c) > 0]
+        else:
+            rows = [(c, p, a) for r in rounds
+                    for c, p, a in zip(r.confidence or [[]] * len(r.rows), r.proposed, r.accepted)]
+        K = max((max(len(c), p if not c else 0) for c, p, _ in rows), default=0)
         logits = torch.full((len(rows), K), float("nan"), dtype=torch.float64)
         for i, (c, _, _) in enumerate(rows):
             logits[i, : len(c)] = torch.tensor(c, dtype=torch.float64)
-        verified = torch.tensor([min(p, len(c)) for c, p, _ in rows], dtype=torch.int64)
+        verified = torch.tensor([min(p, len(c)) if c else p for c, p, _ in rows], dtype=torch.int64)
         accepted = torch.tensor([a for _, _, a in rows], dtype=torch.int64)
         return cls(logits, verified, accepted)
 

@@ -8,7 +8,6 @@ import sys
 
 from draftsmith.export import DTYPES, FORMATS, GGUF_QUANT_DTYPES, export, resolve_draft_dir
 from draftsmith.export.manifest import describe_target, read_manifest
-from draftsmith.utils.io import InputError
 
 DESCRIPTION = """Export a draft for an engine. Formats:
   deepspec     DeepSpec-compatible DSpark / DFlash (a pruned head: the llama.cpp extension)
@@ -68,18 +67,14 @@ def tuned_settings(args) -> dict:
     (DRAFT/serve_tuning.json, `serve.tune`), where flags leave them open."""
     if args.format != "gguf" or args.ignore_tuning:
         return {}
-    path = resolve_draft_dir(args.draft) / "serve_tuning.json"
-    if not path.is_file():
-        return {}
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        choice, machine = saved["choice"], saved["machine"]
-        tuned = {"dtype": choice["dtype"], "n_max": int(choice["n_max"]), "p_min": choice["p_min"] or None}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: not a serve tuning ({e}); pass --ignore-tuning or rerun serve-check "
-                         "--retune") from None
-    print(f"serve settings from {path} (measured on {machine.get('cpu')}, target file "
-          f"{machine.get('target_file')}): {tuned}; flags override", file=sys.stderr)
+    from draftsmith.export import gguf
+
+    draft_dir = resolve_draft_dir(args.draft)
+    saved = gguf.read_tuning(draft_dir)
+    tuned = gguf.tuned_serve(saved)
+    if tuned:
+        print(f"serve settings from {draft_dir / gguf.TUNING_FILE} (measured on {saved['machine'].get('cpu')}, "
+              f"target file {saved['machine'].get('target_file')}): {tuned}; flags override", file=sys.stderr)
     return tuned
 
 

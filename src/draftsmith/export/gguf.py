@@ -255,6 +255,33 @@ def max_n_max(cfg) -> int:
     return gguf_adapter(cfg).llama_server(cfg)[1]
 
 
+# --------------------------------------------------------------------------- the measured choice
+
+TUNING_FILE = "serve_tuning.json"  # in the draft dir: `serve-check`'s measured choice (serve.tune)
+TUNING_VERSION = 3
+
+
+def read_tuning(draft_dir: Path) -> dict | None:
+    """DRAFT/serve_tuning.json; None when absent or of another version (measure again)."""
+    path = Path(draft_dir) / TUNING_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); delete it or rerun serve-check "
+                         "--retune") from None
+    return data if isinstance(data, dict) and data.get("version") == TUNING_VERSION else None
+
+
+def tuned_serve(tuning: dict | None) -> dict:
+    """The serve settings a tuning chose: {dtype, n_max, p_min} (p_min 0 = off = None); {} for none."""
+    choice = (tuning or {}).get("choice")
+    if not choice:
+        return {}
+    return {"dtype": choice["dtype"], "n_max": int(choice["n_max"]), "p_min": choice["p_min"] or None}
+
+
 _TENSOR_NAMES = r"""
 import json, sys
 from gguf import GGUFReader

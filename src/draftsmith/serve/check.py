@@ -31,7 +31,6 @@ say whether it pays there.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -54,8 +53,7 @@ from draftsmith.utils.io import InputError, atomic_write_json, check_output_dir
 from draftsmith.utils.dtypes import cpu_name
 
 log = logging.getLogger(__name__)
-TUNING_FILE = "serve_tuning.json"  # in the draft dir: the measured choice, reused on this machine
-TUNING_VERSION = 3
+TUNING_FILE = gguf_export.TUNING_FILE  # in the draft dir: the measured choice, reused on this machine
 QUANT_TAU_LOSS = 0.03  # a weight type whose probe τ falls more than this below the best is dropped
 PEERS = ("ngram-simple", "ngram-mod")
 COUNTERS = {"accepted": "llamacpp:spec_decode_num_accepted_tokens_total",
@@ -299,7 +297,7 @@ def measure_tuning(args, draft_dir: Path, cfg, target: str, target_gguf: Path, o
     log.info("tuning: held-out rounds of draftsmith's engine at n_max 1..%d", most)
     rounds = {n: offline.rounds(probe["tune"], n_tokens, n) for n in range(1, most + 1)}
     choice = tune.choose(rounds, costs, has_confidence)
-    return {"version": TUNING_VERSION, "machine": machine_key(target_gguf), "cost_curve": curve, "probes": probes,
+    return {"version": gguf_export.TUNING_VERSION, "machine": machine_key(target_gguf), "cost_curve": curve, "probes": probes,
             "plain_decode_tokens_per_s": plain["decode_tokens_per_s"], "tune_datasets": args.tune_datasets,
             "tune_samples": args.tune_samples, "tune_max_new_tokens": n_tokens,
             "choice": choice["best"], "table": choice["table"]}
@@ -312,30 +310,19 @@ def serve_choice(args, draft_dir: Path, cfg, target_gguf: Path, measure) -> tupl
     flags = {"dtype": args.draft_dtype, "n_max": args.n_max, "p_min": args.p_min}
     tuning = None
     if not args.no_tune and any(v is None for v in flags.values()):
-        saved = read_tuning(draft_dir)
+        saved = gguf_export.read_tuning(draft_dir)
         if saved is not None and not args.retune and saved.get("machine") == machine_key(target_gguf):
             tuning = saved
             log.info("serve settings from %s (measured on %s)", draft_dir / TUNING_FILE, saved["machine"]["cpu"])
         else:
             tuning = measure()
             atomic_write_json(draft_dir / TUNING_FILE, json_safe(tuning))
-    best = (tuning or {}).get("choice", {})
+    best = gguf_export.tuned_serve(tuning)
     chosen = {k: v if v is not None else best.get(k) for k, v in flags.items()}
     chosen["dtype"] = chosen["dtype"] or "fp16"
     if chosen["p_min"] == 0:
         chosen["p_min"] = None  # llama.cpp's 0 = no truncation
     return chosen, tuning
-
-
-def read_tuning(draft_dir: Path) -> dict | None:
-    path = draft_dir / TUNING_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); delete it or pass --retune") from None
-    return data if isinstance(data, dict) and data.get("version") == TUNING_VERSION else None
 
 
 # --------------------------------------------------------------------------- the command

@@ -118,16 +118,7 @@ def round_overhead(served: dict, cost: CostModel) -> float | None:
 def round_set(rounds: list[RoundRecord]) -> CalibrationSet:
     """Every row-round of an untruncated decode (confidence logits NaN where the draft has no
     confidence head): verified = drafted tokens, accepted as recorded."""
-    rows = []
-    for r in rounds:
-        confs = r.confidence if r.confidence is not None else [[]] * len(r.rows)
-        rows += [(c, p, a) for c, p, a in zip(confs, r.proposed, r.accepted)]
-    K = max((max(len(c), p) for c, p, _ in rows), default=0)
-    logits = torch.full((len(rows), K), float("nan"), dtype=torch.float64)
-    for i, (c, _, _) in enumerate(rows):
-        logits[i, : len(c)] = torch.tensor(c, dtype=torch.float64)
-    return CalibrationSet(logits, torch.tensor([p for _, p, _ in rows], dtype=torch.int64),
-                          torch.tensor([a for _, _, a in rows], dtype=torch.int64))
+    return CalibrationSet.from_rounds(rounds, require_confidence=False)
 
 
 def idle_overhead(served: dict) -> float | None:
