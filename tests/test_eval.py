@@ -15,7 +15,7 @@ from draftsmith.eval import commands
 from draftsmith.eval.datasets import (
     load_dataset, render_prompt, resolve_dataset, split_list, stop_token_ids,
 )
-from draftsmith.eval.metrics import Tally, build_metrics, json_safe, keep_rows
+from draftsmith.eval.metrics import Tally, bootstrap_ratio, build_metrics, by_record, json_safe, keep_rows
 from draftsmith.eval.report import write_report
 from draftsmith.eval.runner import Settings, build_decoders, first_difference, run_benchmark
 from draftsmith.models.dflash import DFlashConfig, build_dflash
@@ -95,6 +95,57 @@ def test_keep_rows_splits_round_times():
     assert kept[0].rows == [1] and kept[0].accepted == [0] and kept[0].committed == [1]
     assert kept[0].draft_s == pytest.approx(0.1) and kept[0].verify_s == pytest.approx(0.2)
     assert keep_rows([rnd([0], [4], [1], [2])], [5]) == []
+
+
+def test_per_sample_tau_counts_and_the_bootstrap_interval():
+    t = Tally()
+    t.add(hand_generation())
+    # row 0: 4 + 4 (EOS bonus not counted); row 1: 1 + 1; one record per answer by default
+    assert [(a, b) for _, a, b in t.per_sample] == [(8, 2), (2, 2)]
+    assert t.summary(compare=False)["tau_ci"] == [1.0, 4.0]  # two answers: all-row-1 .. all-row-0
+    # 200 answers of one round each, τ 1 or 3 half the time: pooled 2, standard error 1/√200
+    half = [(1, 1), (3, 1)] * 100
+    lo, hi = bootstrap_ratio(half)
+    assert lo == pytest.approx(2 - 1.96 / 200 ** 0.5, abs=0.03) and hi == pytest.approx(2 + 1.96 / 200 ** 0.5, abs=0.03)
+    assert bootstrap_ratio([(6, 3)] * 50) == (2.0, 2.0)  # no spread, no width
+
+
+def test_the_turns_of_one_record_are_resampled_together():
+    """mt-bench style: two turns per record. Keyed by record, the bootstrap unit is the record
+    (its turns summed); unkeyed (the control), each turn counts as an independent sample."""
+    keyed, loose = Tally(), Tally()
+    for turn in range(2):
+        gen = Generation([[1]] * 3, ["eos"] * 3, [rnd([0, 1, 2], [4] * 3, [0, 2, 4], [1, 3, 5])])
+        keyed.add(gen, keys=[("d", r) for r in range(3)])
+        loose.add(gen)
+    assert by_record(keyed.per_sample) == [(2, 2), (6, 2), (10, 2)]
+    assert len(by_record(loose.per_sample)) == 6
+    assert keyed.summary(False)["tau"] == loose.summary(False)["tau"] == pytest.approx(3.0)
+
+
+def test_paired_bootstrap_sees_a_consistent_ratio_that_unpaired_answers_hide():
+    """Draft a accepts 10 % more than b on every prompt while prompts vary 1..4 in τ: the paired
+    interval is tight around 1.1; the same answers paired with the wrong prompts (the control)
+    give an interval wide enough to contain 1."""
+    b = [(10 * k, 10) for k in (1, 2, 3, 4)] * 10
+    a = [(int(n * 1.1), d) for n, d in b]
+    lo, hi = bootstrap_ratio(a, b)
+    assert lo == pytest.approx(1.1, abs=0.005) and hi == pytest.approx(1.1, abs=0.005), (lo, hi)
+    shuffled = a[1:] + a[:1]
+    lo_x, hi_x = bootstrap_ratio(shuffled, b)
+    assert lo_x < 1.0 < hi_x, (lo_x, hi_x)
+
+
+def test_build_metrics_compares_every_pair_of_drafts():
+    plain, d1, d2 = Tally(), Tally(), Tally()
+    plain.add(Generation([[1] * 10], ["eos"], [rnd([0], [0], [0], [1])] * 9, 1.0, 4.0))
+    d1.add(hand_generation())
+    d2.add(Generation([[5] * 10, [6] * 3], ["eos", "length"], [rnd([0, 1], [4, 4], [1, 0], [2, 1])]))
+    m = build_metrics({"plain": {"a": plain}, "d1": {"a": d1}, "d2": {"a": d2}}, compare=False)
+    (c,) = m["comparisons"]
+    assert (c["first"], c["second"], c["records"]) == ("d1", "d2", 2)
+    assert c["tau_ratio"] == pytest.approx((10 / 4) / (3 / 2))
+    assert c["ci"][0] <= c["tau_ratio"] <= c["ci"][1]
 
 
 def test_build_metrics_shape_and_speedup():
@@ -288,6 +339,13 @@ def test_eval_command_end_to_end(world, eval_dir, tmp_path):
     pooled = sum(m["drafts"]["dspark"]["datasets"][d]["rounds"] for d in ("qa", "chat"))
     assert overall["rounds"] == pooled  # overall pools the rounds of every dataset
     assert m["drafts"]["plain"]["overall"]["tau"] == 1.0
+    lo, hi = overall["tau_ci"]  # bootstrap over the 4 records (chat's turns resampled together)
+    assert lo <= overall["tau"] <= hi
+    pairs = {(c["first"], c["second"]): c for c in m["comparisons"]}
+    assert set(pairs) == {("ngram", "dspark"), ("ngram", "dflash"), ("ngram", "eagle3"), ("dspark", "dflash"),
+                          ("dspark", "eagle3"), ("dflash", "eagle3")}
+    c = pairs[("dspark", "dflash")]
+    assert c["records"] == 4 and c["tau_ratio"] == pytest.approx(overall["tau"] / m["drafts"]["dflash"]["overall"]["tau"])
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     by_key = {}
     for a in answers:
@@ -295,6 +353,7 @@ def test_eval_command_end_to_end(world, eval_dir, tmp_path):
     assert len(by_key) == 5 and all(set(v) == names for v in by_key.values())
     assert all(len({tuple(ids) for ids in v.values()}) == 1 for v in by_key.values())
     report = (out / "report.md").read_text()
+    assert "τ dspark / τ dflash = " in report and "paired bootstrap over 4 records" in report
     for png in ("tau_per_dataset.png", "acceptance_by_position.png", "tokens_per_s.png"):
         assert f"]({png})" in report and (out / png).stat().st_size > 1000
     for name in names:

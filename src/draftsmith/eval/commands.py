@@ -25,7 +25,7 @@ from draftsmith.eval.datasets import (
     EvalDataset, load_dataset, render_prompt, split_list, stop_token_ids,
 )
 from draftsmith.eval.metrics import build_metrics, json_safe
-from draftsmith.eval.report import comparison_table, write_report
+from draftsmith.eval.report import comparison_lines, comparison_table, write_report
 from draftsmith.eval.runner import (
     BASELINES, Benchmark, Settings, build_decoders, count_calls, parse_truncate, run_benchmark, warm_up,
 )
@@ -219,8 +219,8 @@ def run(args: argparse.Namespace) -> int:
         bench = run_benchmark(decoders, datasets, tokenizer, settings, progress=bar.update)
     metrics = build_metrics(bench.tallies, compare=settings.compare)
     metrics = json_safe({"config": _run_info(args, datasets, decoders, settings, compute),
-                         "drafts": metrics["drafts"], "wall_s": time.perf_counter() - start})
+                         "drafts": metrics["drafts"], "comparisons": metrics["comparisons"], "wall_s": time.perf_counter() - start})
     report = _write_outputs(Path(args.out), metrics, bench)
-    print("\n".join(comparison_table(metrics)))
+    print("\n".join(comparison_table(metrics) + comparison_lines(metrics)))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {report}")
     return 0

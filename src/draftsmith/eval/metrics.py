@@ -21,6 +21,11 @@ Definitions (a "row-round" is one row of one propose -> verify -> commit round):
   first token of every answer comes from the prefill, so prefill belongs to its cost);
   `decode_tokens_per_s` = (generated tokens − one per sample) / decode time, prefill excluded.
   `speedup` and `decode_speedup` divide them by plain decoding's on the same prompts.
+- `tau_ci`: a 95 % percentile bootstrap interval of the pooled `tau` over records (a record's
+  answers, every turn, are resampled together with their row-rounds; `BOOTSTRAP_REPS` draws,
+  seed 0). `comparisons` (per pair of drafts, in the order given): the ratio of their pooled τ
+  with a *paired* bootstrap interval (both drafts answered the same records: one draw resamples
+  the records once for both), so "A is 5 % above B" can be read with its uncertainty.
 - `mismatches` (T = 0 only): answers that differ from plain decoding's answer to the same prompt;
   `mismatch_details` give the first differing position and the target's top-2 logit gap there (a
   near-tie shows a small gap). At T > 0 outputs are not comparable token for token: None.
@@ -31,9 +36,58 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from draftsmith.decoding import Generation, RoundRecord, summarize
 
 MAX_MISMATCH_DETAILS = 20  # per (decoder, dataset) in metrics.json
+BOOTSTRAP_REPS = 2000
+BOOTSTRAP_LEVEL = 0.95
+
+
+def sample_tau_counts(gen: Generation) -> list[tuple[int, int]]:
+    """Per answer of one generate call: (Σ τ counts, row-rounds) of its rounds."""
+    sums = [[0, 0] for _ in gen.outputs]
+    for r in gen.rounds:
+        for row, t in zip(r.rows, r.tau_counts()):
+            sums[row][0] += t
+            sums[row][1] += 1
+    return [(a, b) for a, b in sums]
+
+
+def by_record(per_sample: list[tuple[object, int, int]]) -> list[tuple[int, int]]:
+    """(key, Σ τ counts, row-rounds) per answer -> the sums per key (a record: all its turns),
+    in first-seen order: the bootstrap's unit, since the turns of one record are not independent."""
+    sums: dict[object, list[int]] = {}
+    for key, num, den in per_sample:
+        acc = sums.setdefault(key, [0, 0])
+        acc[0] += num
+        acc[1] += den
+    return [(a, b) for a, b in sums.values()]
+
+
+def bootstrap_ratio(*series: list[tuple[int, int]], reps: int = BOOTSTRAP_REPS, seed: int = 0,
+                    level: float = BOOTSTRAP_LEVEL) -> tuple[float, float]:
+    """Percentile interval of Σnum/Σden over resampled units: one series gives the pooled τ;
+    two aligned series (the same records) give the paired ratio τ_first / τ_second (one draw
+    resamples the records once for both)."""
+    n = len(series[0])
+    if n == 0 or any(len(s) != n for s in series):
+        return (math.nan, math.nan)
+    idx = np.random.default_rng(seed).integers(0, n, size=(reps, n))  # [reps, n]
+    taus = []
+    for s in series:
+        arr = np.asarray(s, dtype=np.float64)  # [n, 2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            taus.append(arr[idx, 0].sum(1) / arr[idx, 1].sum(1))  # [reps, n] -> [reps]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stat = taus[0] if len(taus) == 1 else taus[0] / taus[1]
+    stat = stat[np.isfinite(stat)]
+    if not len(stat):
+        return (math.nan, math.nan)
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(stat, [tail, 1 - tail])
+    return (float(lo), float(hi))
 
 
 def keep_rows(rounds: list[RoundRecord], rows) -> list[RoundRecord]:
@@ -69,10 +123,15 @@ class Tally:
     decode_s: float = 0.0
     compared: int = 0  # answers compared with plain decoding's (T = 0)
     mismatch_details: list[dict] = field(default_factory=list)
+    per_sample: list[tuple[object, int, int]] = field(default_factory=list)  # (record key, Σ τ counts, row-rounds) per answer
 
-    def add(self, gen: Generation) -> None:
-        """Add one `SpecEngine.generate` result."""
+    def add(self, gen: Generation, keys: list | None = None) -> None:
+        """Add one `SpecEngine.generate` result; `keys`: the record of each answer (the turns of
+        one record share it), default one record per answer."""
         self.rounds += gen.rounds
+        if keys is None:
+            keys = [("answer", len(self.per_sample) + j) for j in range(len(gen.outputs))]
+        self.per_sample += [(k, a, b) for k, (a, b) in zip(keys, sample_tau_counts(gen))]
         ended = [i for i, f in enumerate(gen.finish) if f != "length"]
         self.uncapped_rounds += keep_rows(gen.rounds, ended)
         self.samples += len(gen.outputs)
@@ -92,7 +151,7 @@ class Tally:
                      self.samples + other.samples, self.capped + other.capped,
                      self.tokens + other.tokens, self.prefill_s + other.prefill_s,
                      self.decode_s + other.decode_s, self.compared + other.compared,
-                     self.mismatch_details + other.mismatch_details)
+                     self.mismatch_details + other.mismatch_details, self.per_sample + other.per_sample)
 
     def summary(self, compare: bool) -> dict:
         """The metrics of this tally (module docstring); `compare`: report mismatches."""
@@ -103,6 +162,7 @@ class Tally:
         seconds = self.prefill_s + self.decode_s
         out = {
             "tau": s["tau"],
+            "tau_ci": list(bootstrap_ratio(by_record(self.per_sample))),
             "tau_uncapped": summarize(self.uncapped_rounds)["tau"],
             "tau_llama_cpp": s["tau_llama_cpp"],
             "rounds": s["row_rounds"],
@@ -160,7 +220,22 @@ def build_metrics(tallies: dict[str, dict[str, Tally]], plain: str = "plain",
         datasets = {ds: add_speedups(t.summary(cmp), plain_sets[ds]) for ds, t in per_set.items()}
         overall = add_speedups(_pooled(per_set).summary(cmp), plain_overall)
         drafts[name] = {"overall": overall, "datasets": datasets}
-    return {"drafts": drafts}
+    return {"drafts": drafts, "comparisons": tau_comparisons(tallies, plain)}
+
+
+def tau_comparisons(tallies: dict[str, dict[str, Tally]], plain: str = "plain") -> list[dict]:
+    """Every pair of non-plain decoders (first / second in the order given): their pooled τ
+    ratio and its paired bootstrap interval over the prompts both answered."""
+    pooled = {name: _pooled(per_set) for name, per_set in tallies.items() if name != plain}
+    out = []
+    names = list(pooled)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ta, tb = summarize(pooled[a].rounds)["tau"], summarize(pooled[b].rounds)["tau"]
+            ra, rb = by_record(pooled[a].per_sample), by_record(pooled[b].per_sample)
+            lo, hi = bootstrap_ratio(ra, rb)
+            out.append({"first": a, "second": b, "tau_ratio": _ratio(ta, tb), "ci": [lo, hi], "records": len(ra)})
+    return out
 
 
 def _pooled(per_set: dict[str, Tally]) -> Tally:

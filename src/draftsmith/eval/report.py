@@ -38,17 +38,36 @@ def comparison_table(metrics: dict) -> list[str]:
     drafts = metrics["drafts"]
     datasets = list(next(iter(drafts.values()))["datasets"])
     head = (["decoder"] + [f"τ {ds}" for ds in datasets]
-            + ["τ overall", "τ w/o capped", "τ llama.cpp", "capped", "tok/s", "speedup",
+            + ["τ overall [95 % CI]", "τ w/o capped", "τ llama.cpp", "capped", "tok/s", "speedup",
                "decode tok/s", "decode speedup", "mismatches"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in drafts.items():
         o = entry["overall"]
         row = [f"**{name}**"] + [fmt_num(entry["datasets"][ds]["tau"]) for ds in datasets]
-        row += [fmt_num(o["tau"]), fmt_num(o["tau_uncapped"]), fmt_num(o["tau_llama_cpp"]), _pct(o["capped_share"]),
+        row += [_with_ci(o["tau"], o.get("tau_ci")), fmt_num(o["tau_uncapped"]), fmt_num(o["tau_llama_cpp"]), _pct(o["capped_share"]),
                 fmt_num(o["tokens_per_s"], "{:.1f}"), fmt_num(o["speedup"], "{:.2f}×"),
                 fmt_num(o["decode_tokens_per_s"], "{:.1f}"), fmt_num(o["decode_speedup"], "{:.2f}×"),
                 "–" if o["mismatches"] is None else f"{o['mismatches']}/{o['compared']}"]
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _with_ci(value, ci) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return fmt_num(value)
+    return f"{fmt_num(value)} [{fmt_num(ci[0])}, {fmt_num(ci[1])}]"
+
+
+def comparison_lines(metrics: dict) -> list[str]:
+    """τ of each draft over each later one, with the paired bootstrap interval."""
+    lines = []
+    for c in metrics.get("comparisons", []):
+        lo, hi = c["ci"]
+        ratio = c["tau_ratio"]
+        if ratio is None:
+            continue
+        lines.append(f"τ {c['first']} / τ {c['second']} = {ratio:.3f} (95 % paired bootstrap over "
+                     f"{c['records']} records: {fmt_num(lo, '{:.3f}')}–{fmt_num(hi, '{:.3f}')})")
     return lines
 
 
@@ -87,6 +106,8 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
                   f"batch size {info.get('batch_size')}, seed {info.get('seed')}, "
                   f"{info.get('threads')} threads, wall time {fmt_num(metrics.get('wall_s'), '{:.0f}')} s.", ""]
     lines += ["## Comparison", ""] + comparison_table(metrics) + [""]
+    if metrics.get("comparisons"):
+        lines += comparison_lines(metrics) + [""]
     lines += [
         "τ counts the bonus token (accepted + 1 per round; an EOS-terminated round counts only what "
         "it accepted), pooled over every round of every answer. *τ w/o capped* leaves out answers cut "

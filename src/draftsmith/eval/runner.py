@@ -275,7 +275,7 @@ def _run_batch(decoders, ds: EvalDataset, start: int, tokenizer, settings: Setti
         plain_out: list[list[int]] = []
         for d in decoders:
             gen = d.engine.generate(prompts, settings.max_new_tokens, seed)
-            bench.tallies[d.name][ds.name].add(gen)
+            bench.tallies[d.name][ds.name].add(gen, keys=[(ds.name, start + i) for i in active])
             if d.name == PLAIN:
                 plain_out = gen.outputs
             for j, i in enumerate(active):
