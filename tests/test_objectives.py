@@ -80,7 +80,7 @@ def full_blocks_only(objective):
     def blocks(batch):
         b = blocks_of(batch)
         keep = b.valid.all(-1)  # [M]
-        return replace(b, **{f.name: getattr(b, f.name)[keep] for f in fields(b) if f.name != "weights"})
+        return replace(b, **{f.name: getattr(b, f.name)[keep] for f in fields(b)})
 
     objective.blocks = blocks
     return objective
@@ -251,6 +251,20 @@ def test_micro_batches_with_global_denominators_equal_the_whole_batch(target64, 
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-10, atol=1e-12)
     assert meter.value() == pytest.approx(whole.tau.value(), rel=1e-12)
     assert float(meter.blocks) == float(whole.blocks)
+
+
+@pytest.mark.parametrize("drafter", ["dspark", "eagle3"])
+def test_sequence_average_is_the_mean_of_each_sequences_own_loss(target64, data64, drafter):
+    """loss.average=sequence: every sequence weighs the same, however many slots it supervises;
+    the token average (the control) weighs the long rows more and differs."""
+    model = perturb(dspark_model(target64) if drafter == "dspark" else eagle3_model(target64)).double()
+    head = target_head_from(target64.get_output_embeddings())
+    per_seq = build_objective(model, head, ObjectiveConfig(average="sequence"))
+    rows = [float(per_seq(sub_batch(data64, [r])).loss.detach()) for r in range(4)]
+    whole = float(per_seq(data64).loss.detach())
+    assert whole == pytest.approx(sum(rows) / 4, rel=1e-12)
+    token = float(build_objective(model, head, ObjectiveConfig(average="token"))(data64).loss.detach())
+    assert abs(token - whole) > 1e-3 * abs(whole), (token, whole)
 
 
 @pytest.mark.parametrize("drafter", ["dspark", "eagle3"])
@@ -525,16 +539,18 @@ def test_each_drafter_overfits_to_zero_ce_and_greedy_tau_gamma_plus_one(greedy_d
                                           ("eagle3", "kl"), ("eagle3", "ce_argmax")])
 def test_each_loss_option_alone_overfits_the_peaked_target(greedy_data, drafter, term):
     """Each distillation term, as the only loss (loss.weights: {term: 1}), learns the target's
-    greedy continuations in 200 steps: >= 97 % of supervised slots greedy-accepted, c* > 0.9 on
+    greedy continuations in 300 steps: >= 97 % of supervised slots greedy-accepted, c* > 0.9 on
     every slot. (L1 alone does not: measured 63 of 114 slot-0 positions after 200 steps, the
-    saturated softmax starving its gradient; DSpark's default adds 0.1 CE, tested above.)"""
+    saturated softmax starving its gradient; DSpark's default adds 0.1 CE, tested above. At 200
+    steps dspark kl / soft_ce stood at 406 of 420 slots, 96.7 %, on an Intel Xeon with AVX512
+    and above 97 % on an AMD EPYC with AVX2: the float path differs by CPU, not the learning.)"""
     target, batch, head = greedy_data
     torch.manual_seed(0)
     model = (dspark_model(target, block_size=OVERFIT_GAMMA, markov_rank=16) if drafter == "dspark"
              else eagle3_model(target, ttt_length=OVERFIT_GAMMA))
     objective = build_objective(model, head, ObjectiveConfig(loss_weights=LossWeights(**{term: 1.0})))
     before = objective(batch)
-    parts, _ = train(model, objective, batch)
+    parts, _ = train(model, objective, batch, steps=300)
     assert min(before.c_star) < 0.5  # it did have something to learn
     accepted, slots = parts.tau.greedy_survival_sum.sum(), parts.tau.slot_count.sum()
     assert accepted >= 0.97 * slots, (parts.tau.greedy_survival_sum.tolist(), parts.tau.slot_count.tolist())

@@ -61,21 +61,27 @@ def test_kill9_resume_reproduces_the_loss_curve(world, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(train_cmd(recipe, world["data"], ref), check=True, timeout=600)
     run = tmp_path / "run"
-    # the killed and resumed run make their batches on the prefetch thread (off by default on a
-    # CPU): the same batches, so the same curve as the reference
-    proc = subprocess.Popen(train_cmd(recipe, world["data"], run, "--set", "train.prefetch=true"))
+    # the killed and resumed run stream their samples from disk (data.stream) and make their
+    # batches on the prefetch thread (off by default on a CPU): the same batches in the same
+    # order, so the same curve as the in-memory reference
+    both = ("--set", "train.prefetch=true", "--set", "data.stream=true")
+    proc = subprocess.Popen(train_cmd(recipe, world["data"], run, *both))
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "step_9").exists():
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "step_90").exists(), "the kill should land mid-run"
-    subprocess.run(train_cmd(recipe, world["data"], run, "--set", "train.prefetch=true"), check=True, timeout=600)
+    subprocess.run(train_cmd(recipe, world["data"], run, *both), check=True, timeout=600)
     # bitwise: a resume replays the same computation (same machine, train.threads = 1 in every process)
     assert losses(run) == losses(ref)
     assert len(losses(ref)) == 90
     ev = lambda r: [(m["step"], m["eval/tau_sim"]) for m in read_metrics(r) if "eval/tau_sim" in m]  # noqa: E731
     assert ev(run) == ev(ref)
+    assert (run / "samples" / "manifest.json").is_file() and not (ref / "samples").exists()
+    state = torch.load(run / "step_latest" / "training_state.pt", weights_only=True)
+    n = json.loads((run / "data.json").read_text())["train_records"]
+    assert state["data_position"] == {"samples_seen": 90 * 4, "samples": n, "epoch": 90 * 4 // n, "seed": 0}
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])

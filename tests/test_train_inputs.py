@@ -308,3 +308,114 @@ def test_long_records_become_windows_instead_of_being_cut(world, tmp_path):
     assert sum((s.input_ids for s in windows), []) == full
     assert all(s.loss_mask[0] == 0 for s in windows)
     assert sum(sum(s.loss_mask) for s in windows) > sum(cut.train[0].loss_mask)
+
+
+# --------------------------------------------------------------------------- streaming (data.stream)
+
+
+def _stream_world(tmp_path):
+    long = " ".join(["alpha beta gamma delta epsilon"] * 12)
+    main = _write(tmp_path / "regen.jsonl", [_conv(f"c{i}_0", long if i % 5 == 0 else f"answer {i} beta")
+                                             for i in range(40)])
+    raw = _write(tmp_path / "raw.jsonl", [_conv(f"c{i}_{p}", "raw words here") for i in range(40) for p in (0, 1)])
+    return main, raw
+
+
+def test_stream_matches_the_in_memory_path_on_limits_guards_and_a_heldout_file(world, tmp_path):
+    from draftsmith.targets.model import load_tokenizer
+    from draftsmith.train.dataset import prepare_data
+
+    tok = load_tokenizer(str(world["llama"]))
+    main, raw = _stream_world(tmp_path)
+    (tmp_path / "bad.jsonl").write_text(main.read_text() + "not json\n" + json.dumps(_conv("big_0", "x" * 900)) + "\n")
+    held = _write(tmp_path / "held.jsonl", [_conv("c3_0"), _conv("c7_0", "held answer")])
+    for k, cfg in enumerate(({"limit": 30, "heldout_fraction": 0.2, "mix": [{"path": str(raw), "ratio": 0.9}]},
+                             {"heldout": str(held), "max_record_chars": 400, "mix": [{"path": str(raw)}]})):
+        mem = prepare_data(str(tmp_path / "bad.jsonl"), tok, _data_cfg(**cfg))
+        st = prepare_data(str(tmp_path / "bad.jsonl"), tok, _data_cfg(stream=True, **cfg), store=tmp_path / f"s{k}")
+        assert _as_tuples(st.train) == _as_tuples(mem.train) and _as_tuples(st.heldout) == _as_tuples(mem.heldout)
+        assert st.lines == mem.lines, (st.lines, mem.lines)
+
+
+def test_an_empty_stream_publishes_no_store(world, tmp_path):
+    from draftsmith.targets.model import load_tokenizer
+    from draftsmith.train.dataset import prepare_data
+
+    tok = load_tokenizer(str(world["llama"]))
+    users_only = _write(tmp_path / "u.jsonl", [{"id": f"u{i}", "conversations": [{"role": "user", "content": "hi"}]}
+                                               for i in range(5)])
+    for _ in range(2):  # the second run fails the same way: no empty store was left to reuse
+        with pytest.raises(InputError, match="no trainable tokens"):
+            prepare_data(str(users_only), tok, _data_cfg(stream=True, heldout_fraction=0.0), store=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def _as_tuples(samples):
+    return [(s.id, s.input_ids, s.loss_mask, s.truncated, s.length_capped) for s in samples]
+
+
+def test_stream_renders_the_same_samples_into_a_store_it_reuses(world, tmp_path):
+    """data.stream: the training samples (held-out conversations excluded from every source, a
+    mix ratio, windows) are those of the in-memory path, in the same order, read from disk."""
+    from draftsmith.targets.model import load_tokenizer
+    from draftsmith.train.dataset import prepare_data
+    from draftsmith.train.samples import SampleStore
+
+    tok = load_tokenizer(str(world["llama"]))
+    main, raw = _stream_world(tmp_path)
+    cfg = {"max_length": 32, "heldout_fraction": 0.25, "long_records": "windows",
+           "mix": [{"path": str(raw), "ratio": 0.5}]}
+    mem = prepare_data(str(main), tok, _data_cfg(**cfg))
+    store = tmp_path / "run" / "samples"
+    st = prepare_data(str(main), tok, _data_cfg(stream=True, **cfg), store=store)
+    assert isinstance(st.train, SampleStore) and not isinstance(mem.train, SampleStore)
+    assert _as_tuples(st.train) == _as_tuples(mem.train) and len(st.train) > 40
+    assert any("#w" in s.id for s in st.train) and any(s.id.startswith("mix0:") for s in st.train)
+    assert _as_tuples(st.heldout) == _as_tuples(mem.heldout)
+    assert _as_tuples(st.train[3:6]) == _as_tuples(mem.train[3:6]) and st.train[-1].id == mem.train[-1].id
+    assert st.lines == mem.lines and any("held-out conversation record(s) excluded" in x for x in st.lines)
+
+    again = prepare_data(str(main), tok, _data_cfg(stream=True, **cfg), store=store)
+    assert _as_tuples(again.train) == _as_tuples(mem.train) and again.lines == mem.lines
+    other = _write(tmp_path / "other.jsonl", [_conv(f"o{i}_0") for i in range(10)])
+    with pytest.raises(InputError, match="rendered from other data"):
+        prepare_data(str(other), tok, _data_cfg(stream=True, **cfg), store=store)
+    with pytest.raises(InputError, match="no sample store with these inputs"):  # a rank > 0 never writes
+        prepare_data(str(other), tok, _data_cfg(stream=True, **cfg), store=tmp_path / "none", write_store=False)
+    # a run starting over (--no-resume) rewrites its own store for the new data
+    fresh = prepare_data(str(other), tok, _data_cfg(stream=True, **cfg), store=store, replace_store=True)
+    assert {s.id.split("#")[0] for s in fresh.train if not s.id.startswith("mix0:")} <= {f"o{i}_0" for i in range(10)}
+    with open(store / "tokens.bin", "r+b") as f:  # a damaged store is refused on open
+        f.truncate(8)
+    with pytest.raises(InputError, match="tokens.bin: 8 bytes, the manifest says"):
+        SampleStore(store)
+
+
+def test_stream_holds_a_sample_at_a_time_not_the_corpus(tmp_path):
+    """Writing and reading a 1.2M-token store keeps Python allocations to a few MB; the same
+    samples held as lists (the in-memory path, the control) take tens of MB."""
+    import tracemalloc
+
+    from draftsmith.data.templates import RenderedSample
+    from draftsmith.train.samples import SampleStore
+
+    def samples():
+        for i in range(3000):
+            yield RenderedSample(f"s{i}", list(range(300 + i % 7, 700 + i % 7)), [0] * 10 + [1] * 390)
+
+    tracemalloc.start()
+    try:
+        store = SampleStore.write(tmp_path / "st", samples(), key="k")
+        write_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        total = sum(sum(s.loss_mask) for s in store)
+        read_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        held = list(samples())
+        list_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == 3000 * 390 and len(held) == len(store) == 3000
+    assert store.manifest["tokens"] == 3000 * 400
+    assert write_peak < 8e6 and read_peak < 8e6, (write_peak, read_peak)
+    assert list_peak > 4 * max(write_peak, read_peak), (list_peak, write_peak, read_peak)

@@ -3,6 +3,7 @@ file and line, never dropped silently. Shared by the feature cache, training and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from draftsmith.utils.io import InputError, JsonlProblem, iter_jsonl
@@ -52,22 +53,30 @@ def record_problem(record: dict) -> str | None:
     return None
 
 
-def read_conversations(path: str, limit: int | None = None) -> ConversationsFile:
-    """Well-formed records of the JSONL file (the first `limit`); bad lines and records reported."""
-    out = ConversationsFile(str(path))
+def iter_conversations(path: str, out: ConversationsFile, limit: int | None = None) -> Iterator[dict]:
+    """Well-formed records of the JSONL file, one at a time (the first `limit`); once the file
+    is read, `out` holds the counts and problems ("file:line: reason", bad lines first)."""
     bad_lines: list[JsonlProblem] = []
     rejected: list[str] = []
+    kept = 0
     try:
         for lineno, record in iter_jsonl(path, bad_lines):
-            if limit is not None and len(out.records) >= limit:
+            if limit is not None and kept >= limit:
                 break
             reason = record_problem(record)
             if reason:
                 rejected.append(f"{path}:{lineno}: {reason}")
                 continue
-            out.records.append(record)
+            kept += 1
+            yield record
     except FileNotFoundError:
         raise InputError(f"{path}: data file not found") from None
     out.lines_bad, out.records_rejected = len(bad_lines), len(rejected)
     out.problems = [str(p) for p in bad_lines] + rejected
+
+
+def read_conversations(path: str, limit: int | None = None) -> ConversationsFile:
+    """Well-formed records of the JSONL file (the first `limit`); bad lines and records reported."""
+    out = ConversationsFile(str(path))
+    out.records = list(iter_conversations(path, out, limit))
     return out

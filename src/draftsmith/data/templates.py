@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import array
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -200,14 +200,13 @@ def split_windows(sample: RenderedSample, length: int) -> list[RenderedSample]:
     return out
 
 
-def render_records(tokenizer, records: Iterable[dict], max_length: int | None = None,
-                   template_kwargs: dict | None = None, total: int | None = None,
-                   progress: bool = True, windows: bool = False) -> tuple[list[RenderedSample], RenderStats]:
-    """Render many records; a record that cannot be rendered is reported, never silently dropped.
-    `windows`: a record longer than max_length becomes several windows (`split_windows`)
-    instead of being truncated; `stats.windows` counts the extra samples."""
-    stats, samples = RenderStats(), []
-    for record in tqdm(records, total=total, desc="render", unit="rec", disable=not progress):
+def iter_rendered(tokenizer, records: Iterable[dict], stats: RenderStats, max_length: int | None = None,
+                  template_kwargs: dict | None = None, windows: bool = False) -> Iterator[RenderedSample]:
+    """Render records one at a time; a record that cannot be rendered is counted in `stats` and
+    reported there, never silently dropped. `windows`: a record longer than max_length becomes
+    several windows (`split_windows`) instead of being truncated; `stats.windows` counts the
+    extra samples."""
+    for record in records:
         stats.records += 1
         try:
             s = render_sample(tokenizer, record, None if windows else max_length, template_kwargs)
@@ -223,5 +222,14 @@ def render_records(tokenizer, records: Iterable[dict], max_length: int | None = 
             n = sum(s.loss_mask)
             stats.trainable_tokens += n
             stats.no_trainable_tokens += n == 0
-            samples.append(s)
+            yield s
+
+
+def render_records(tokenizer, records: Iterable[dict], max_length: int | None = None,
+                   template_kwargs: dict | None = None, total: int | None = None,
+                   progress: bool = True, windows: bool = False) -> tuple[list[RenderedSample], RenderStats]:
+    """Render many records into a list (`iter_rendered`), with a progress bar."""
+    stats = RenderStats()
+    bar = tqdm(records, total=total, desc="render", unit="rec", disable=not progress)
+    samples = list(iter_rendered(tokenizer, bar, stats, max_length, template_kwargs, windows))
     return samples, stats

@@ -3,23 +3,30 @@ token frequencies for draft-vocabulary pruning, and the deterministic sample ord
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from draftsmith.data.conversations import read_conversations, split_by_size
+from draftsmith.data.conversations import (ConversationsFile, iter_conversations, read_conversations,
+                                           record_chars, split_by_size)
 from draftsmith.data.sources import is_heldout, sharegpt_conversation
-from draftsmith.data.templates import RenderedSample, RenderStats, render_records
+from draftsmith.data.templates import RenderedSample, RenderStats, iter_rendered, render_records
 from draftsmith.train.recipe import DataConfig
-from draftsmith.utils.io import InputError
+from draftsmith.train.samples import SampleStore
+from draftsmith.utils.io import InputError, file_sha256
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainData:
-    train: list[RenderedSample]
+    train: Sequence[RenderedSample]  # a list, or a SampleStore on disk (data.stream)
     heldout: list[RenderedSample]
     lines: list[str] = field(default_factory=list)  # what happened, for the log and the report
 
@@ -62,11 +69,18 @@ def _mix_records(cfg: DataConfig, n_main: int, held_keys: set[str]) -> tuple[lis
     return out, lines
 
 
-def prepare_data(data_path: str, tokenizer, cfg: DataConfig) -> TrainData:
+def prepare_data(data_path: str, tokenizer, cfg: DataConfig, store: str | Path | None = None, *,
+                 replace_store: bool = False, write_store: bool = True) -> TrainData:
     """Render the training file (and `cfg.mix`); split off held-out records by id hash (or read
     `cfg.heldout`). No held-out conversation reaches training through any source: records whose
     conversation (`sharegpt_conversation`: `<conversation>_<part>` ids share one) is held out
-    are removed from --data and every mix source."""
+    are removed from --data and every mix source. `cfg.stream`: the training samples go to a
+    `SampleStore` at `store` instead of a list (`prepare_stream`, which `replace_store` and
+    `write_store` go to)."""
+    if cfg.stream:
+        if store is None:
+            raise ValueError("data.stream needs a directory for the sample store")
+        return prepare_stream(data_path, tokenizer, cfg, Path(store), replace=replace_store, write=write_store)
     records, notes = _read(data_path, cfg.limit)
     if cfg.heldout:
         held_records, held_notes = _read(cfg.heldout)
@@ -115,3 +129,151 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The sample order of one epoch: a permutation keyed by (seed, epoch) only."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+# --------------------------------------------------------------------------- streaming (data.stream)
+
+
+def _stream_key(data_path: str, tokenizer, cfg: DataConfig) -> str:
+    """What a stream's training samples are rendered from: every source file's bytes, the data
+    config and the tokenizer (its name, size and chat template). Not the held-out file's path
+    (its bytes count) nor max_heldout: neither changes a training sample."""
+    files = [data_path, *(m.path for m in cfg.mix), *([cfg.heldout] if cfg.heldout else [])]
+    for f in files:
+        if not Path(f).is_file():
+            raise InputError(f"{f}: data file not found")
+    return hashlib.sha256(json.dumps({
+        "files": [file_sha256(f) for f in files],
+        "data": cfg.model_dump(mode="json", exclude={"max_heldout", "heldout"}),
+        "tokenizer": [str(getattr(tokenizer, "name_or_path", "")), len(tokenizer),
+                      getattr(tokenizer, "chat_template", None)],
+    }, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _open_store(store: Path, key: str, replace: bool) -> SampleStore | None:
+    """The store at `store` when it was rendered from the same inputs; None when there is none
+    (or, with `replace`, when it was rendered from other inputs: it is rewritten)."""
+    if not (store / "manifest.json").is_file():
+        return None
+    existing = SampleStore(store)
+    if existing.key == key:
+        return existing
+    if replace:
+        return None
+    raise InputError(f"{store}: a sample store rendered from other data (another --data, data.mix, "
+                     "data config or tokenizer); train into a new --out, or start over with --no-resume")
+
+
+def _source(path: str, held_keys: set[str], counts: dict, limit: int | None = None,
+            take: int | None = None, prefix: str = "") -> Iterator[dict]:
+    """Records of one source, held-out conversations skipped, the first `take` of the rest; the
+    whole file is read either way, so `counts` (used, excluded, problems) cover all of it."""
+    report = ConversationsFile(path)
+    counts.update(used=0, excluded=0, take=take)
+    for r in iter_conversations(path, report, limit):
+        if sharegpt_conversation(str(r["id"])) in held_keys:
+            counts["excluded"] += 1
+        elif take is None or counts["used"] < take:
+            counts["used"] += 1
+            yield {**r, "id": f"{prefix}{r['id']}"} if prefix else r
+    counts["problems"] = report.problems
+
+
+def _within_size(records: Iterator[dict], max_chars: int, too_long: list[tuple[str, int]]) -> Iterator[dict]:
+    for r in records:
+        n = record_chars(r)
+        if max_chars and n > max_chars:
+            too_long.append((str(r["id"]), n))
+            continue
+        yield r
+
+
+def _stream_lines(cfg: DataConfig, stats: RenderStats, hstats: RenderStats, counts: list[dict],
+                  kept: int, held_kept: int, n_held: int, notes: list[str]) -> list[str]:
+    """The lines `prepare_data` writes for the same data, in the same order."""
+    lines = [f"train: {stats.line()}", f"held-out: {hstats.line()}"]
+    for i, (src, c) in enumerate(zip(cfg.mix, counts[1:])):
+        if c["take"] is not None and c["used"] < c["take"]:
+            lines.append(f"data.mix[{i}] {src.path}: ratio {src.ratio:g} asks for {c['take']} records, "
+                         f"the source has {c['used']}: all used")
+        lines.append(f"data.mix[{i}] {src.path}: {c['used']} records used; {c['excluded']} held-out "
+                     f"conversation record(s) excluded; {len(c['problems'])} unusable line(s)")
+    shared = counts[0]["excluded"] - (0 if cfg.heldout else n_held)
+    if shared:
+        lines.append(f"{shared} --data record(s) of a held-out conversation excluded from training")
+    if notes:
+        lines.append(f"{len(notes)} unusable line(s), first: {notes[0]}")
+    dropped = stats.records - kept + hstats.records - held_kept
+    if dropped:
+        lines.append(f"{dropped} record(s) without a trainable token or unrenderable: not used")
+    return lines
+
+
+def prepare_stream(data_path: str, tokenizer, cfg: DataConfig, store: Path, *, replace: bool = False,
+                   write: bool = True) -> TrainData:
+    """`prepare_data` with the training samples in a `SampleStore` at `store`: the held-out
+    records are found first (a pass over --data by id hash, or `cfg.heldout`), then every
+    source's training records are read, rendered and written one at a time. A store rendered
+    from the same inputs is reused; one from other inputs is refused (`replace`: rewritten).
+    `write=False` (ranks other than 0) only opens the store rank 0 wrote."""
+    key = _stream_key(data_path, tokenizer, cfg)
+    held_report = ConversationsFile(cfg.heldout or data_path)
+    if cfg.heldout:
+        held_records = list(iter_conversations(cfg.heldout, held_report))
+    else:
+        held_records = [r for r in iter_conversations(data_path, held_report, cfg.limit)
+                        if is_heldout(str(r["id"]), cfg.heldout_fraction)]
+    n_held = len(held_records)
+    held_keys = {sharegpt_conversation(str(r["id"])) for r in held_records}
+    held_records, held_too_long = split_by_size(held_records, cfg.max_record_chars)
+    held, hstats = _render(tokenizer, held_records, cfg, cfg.heldout or "held-out")
+    train = _open_store(store, key, replace)
+    if train is None and not write:
+        raise InputError(f"{store}: no sample store with these inputs (rank 0 writes it first)")
+    if train is None:
+        train = _write_store(data_path, tokenizer, cfg, store, key, held_keys,
+                             lambda stats, counts, too_long, kept: _stream_lines(
+                                 cfg, stats, hstats, counts, kept, len(held), n_held,
+                                 _notes(cfg, counts, held_report, too_long + held_too_long)))
+    else:
+        log.info("%s: sample store reused (%d samples rendered from the same inputs)", store, len(train))
+    return TrainData(train, held[: cfg.max_heldout], list(train.manifest["lines"]))
+
+
+def _notes(cfg: DataConfig, counts: list[dict], held_report: ConversationsFile,
+           too_long: list[tuple[str, int]]) -> list[str]:
+    """`prepare_data`'s notes: --data's (and the held-out file's) unusable lines, then records
+    over the size guard."""
+    notes = counts[0]["problems"] + (held_report.problems if cfg.heldout else [])
+    notes += [f"record {rid!r}: {n} characters, over data.max_record_chars {cfg.max_record_chars}: skipped"
+              for rid, n in too_long]
+    for n in notes[:10]:
+        log.warning(n)
+    return notes
+
+
+def _write_store(data_path: str, tokenizer, cfg: DataConfig, store: Path, key: str, held_keys: set[str],
+                 lines_of) -> SampleStore:
+    """Render every source's training records into the store, one record at a time."""
+    counts = [{} for _ in range(len(cfg.mix) + 1)]
+    sources = [_source(data_path, held_keys, counts[0], cfg.limit)]
+    if cfg.mix:
+        shares = sum(src.ratio or 0.0 for src in cfg.mix)
+        if shares >= 1:
+            raise InputError(f"data.mix ratios sum to {shares:g}: each is a source's share of the training "
+                             "records, so together they must stay below 1 (--data keeps the rest)")
+        n_main = sum(1 for _ in _source(data_path, held_keys, {}, cfg.limit))
+        sources += [_source(src.path, held_keys, counts[i + 1], prefix=f"mix{i}:",
+                            take=None if src.ratio is None else round(src.ratio / (1 - shares) * n_main))
+                    for i, src in enumerate(cfg.mix)]
+    stats, too_long = RenderStats(), []
+    records = _within_size(itertools.chain(*sources), cfg.max_record_chars, too_long)
+    rendered = iter_rendered(tokenizer, records, stats, cfg.max_length, cfg.template_kwargs,
+                             cfg.long_records == "windows")
+    store_of = SampleStore.write(
+        store, (s for s in rendered if sum(s.loss_mask) > 0), key,
+        lines_of=lambda kept: lines_of(stats, counts, too_long, kept),
+        empty=f"{data_path}: no trainable tokens (no record has an assistant answer the chat template renders)")
+    for p in stats.problems[:5]:
+        log.warning("%s: %s", data_path, p)
+    return store_of

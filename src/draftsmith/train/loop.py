@@ -49,6 +49,7 @@ from draftsmith.train.parallel import (
 )
 from draftsmith.train.prefetch import Prefetcher
 from draftsmith.train.recipe import Recipe, load_recipe
+from draftsmith.train.samples import STORE_DIR
 from draftsmith.train.setup import Setup, build_setup
 from draftsmith.utils.io import InputError, check_output_dir
 
@@ -259,7 +260,8 @@ def _train(recipe: Recipe, data: str, out: str | Path, cache, heldout, init_from
             run_inputs.check_data(run, data_record)
 
     torch.manual_seed(recipe.train.seed)
-    s = build_setup(recipe, data, info, cache, init_from, progress and info.is_main, check_data)
+    s = build_setup(recipe, data, info, cache, init_from, progress and info.is_main, check_data,
+                    store=run / STORE_DIR, replace_store=not resuming)
     trainer = build_trainer(recipe, s, info, build_objective)
     start, steps = trainer.resume(run, resume), trainer.steps
     if start >= steps:  # nothing to do; leave the run's files as they are
@@ -270,7 +272,8 @@ def _train(recipe: Recipe, data: str, out: str | Path, cache, heldout, init_from
         _announce(run, s, recipe, data_record)
     metrics = trainer.metrics = MetricsLog(run, info.is_main, resume_step=start if start else None)
     metrics.log(start, {"compute": {"target_dtype": s.target_dtype.record(), "precision": s.precision.record()},
-                        "loss_weights": trainer.objective.loss_weights.model_dump()})
+                        "loss_weights": trainer.objective.loss_weights.model_dump(),
+                        "loss_average": trainer.objective.config.average})
     # held-out evaluation runs on rank 0; with FSDP2 every rank takes part (its forwards gather)
     held_feats = s.features(s.data.heldout) if info.is_main or trainer.sharded else []
     final, stop = trainer.fit(run, start, held_feats, progress, started)
@@ -467,7 +470,18 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         log.info("resuming from %s (step %d)", last, state["step"])
         self.step = int(state["step"])
+        saved = state.get("data_position")
+        if saved is not None and saved != self.data_position(self.step):
+            raise InputError(f"{last}: its data position {saved} is not where this run's data and batch put "
+                             f"step {self.step} ({self.data_position(self.step)}); train into a new --out")
         return self.step
+
+    def data_position(self, step: int) -> dict:
+        """Where in the shuffled data a run stands after `step` optimizer steps: the next sample
+        is sample `samples_seen mod samples` of epoch `samples_seen div samples`'s permutation
+        (keyed by train.seed and the epoch only)."""
+        seen, n = step * self.recipe.train.global_batch, len(self.s.data.train)
+        return {"samples_seen": seen, "samples": n, "epoch": seen // n, "seed": self.recipe.train.seed}
 
     def save(self, run: Path, step: int) -> Path | None:
         """Rank 0 writes the plain draft's checkpoint; with FSDP2 every rank first takes part
@@ -488,9 +502,11 @@ class Trainer:
             barrier()
             return None
         state = {"step": step, "optimizer": optim_state if self.sharded else self.opt.state_dict(),
-                 "scheduler": self.sched.state_dict(), "rng": ckpt.rng_state(), "world_size": info.world}
+                 "scheduler": self.sched.state_dict(), "rng": ckpt.rng_state(), "world_size": info.world,
+                 "data_position": self.data_position(step)}
         info_json = {"step": step, "drafter": self.recipe.drafter,
-                     "loss_weights": self.objective.loss_weights.model_dump()}
+                     "loss_weights": self.objective.loss_weights.model_dump(),
+                     "loss_average": self.objective.config.average}
         path = ckpt.save_checkpoint(run, step, model, state, self.recipe.train.keep_checkpoints, info_json)
         barrier()
         return path
@@ -507,7 +523,7 @@ def build_trainer(recipe: Recipe, s: Setup, info: DistInfo, build_objective: Obj
     if prefetch is None:
         prefetch = recipe.train.prefetch if recipe.train.prefetch is not None else info.device.type == "cuda"
     config = ObjectiveConfig(chunk_size=recipe.train.loss_chunk, recompute=recipe.train.recompute,
-                             loss_weights=recipe.loss.weights)
+                             loss_weights=recipe.loss.weights, average=recipe.loss.average)
     objective = build_objective(s.model, s.target.logits, config)
     return Trainer(recipe, s, info, objective, total_steps(recipe, len(s.data.train)) if steps is None else steps,
                    prefetch)

@@ -59,7 +59,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +108,10 @@ class ObjectiveConfig(StrictConfig):
     recompute: bool = True  # recompute each chunk's logits in backward instead of keeping them
     target_metrics: bool = True  # compute p_t (l1, c*, τ_sim) even when no loss term needs it
     eagle3_step_decay: float = Field(0.8, gt=0)  # Eagle3 step weights decay^s
+    # how slots are averaged: "token" (every supervised slot weighs the same: long sequences, and
+    # here looping answers, dominate) or "sequence" (each sequence's slots share one unit of
+    # weight: DeepSpec's Eagle3 averages per sequence)
+    average: Literal["token", "sequence"] = "token"
 
 
 @dataclass
@@ -298,7 +302,7 @@ class Blocks:
     valid: torch.Tensor  # [M, γ] bool, supervised slots (a prefix)
     label_draft: torch.Tensor  # [M, γ] draft ids of the labels (-1 outside the draft vocab)
     in_vocab: torch.Tensor  # [M, γ] bool, valid and label in the draft vocab
-    weights: torch.Tensor  # [γ] position weights
+    weights: torch.Tensor  # [M, γ] slot weights: position weight × the block's sequence weight
 
     def denominators(self) -> dict[str, torch.Tensor]:
         """float64 sums of the weights of supervised slots ("slots") and of those whose label is
@@ -393,8 +397,12 @@ class BlockObjective(nn.Module):
         anchor, prev, valid = anchor_pos[rows, cols], prev[rows, cols], valid[rows, cols]  # [M], [M, γ]
         label_draft = target_to_draft(labels[rows, cols], self.module.t2d)  # [M, γ]
         in_vocab = valid & (label_draft >= 0)
-        return Blocks(rows, cols, anchor, prev, valid, label_draft, in_vocab,
-                      self.slot_weights().to(batch.input_ids.device))
+        weights = self.slot_weights().to(batch.input_ids.device).expand(valid.shape)  # [γ] -> [M, γ]
+        if self.config.average == "sequence":  # each row's supervised slots weigh 1 in all
+            row_total = torch.zeros(batch.input_ids.shape[0], dtype=weights.dtype, device=weights.device)
+            row_total.index_add_(0, rows, (weights * valid).sum(-1))  # [B]
+            weights = weights / row_total[rows, None]  # [M, γ]
+        return Blocks(rows, cols, anchor, prev, valid, label_draft, in_vocab, weights)
 
     def denominators(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """This micro-batch's denominators (sum them over micro-batches and ranks)."""
@@ -431,7 +439,7 @@ class BlockObjective(nn.Module):
                 topk = (batch.target_topk_ids[at], batch.target_topk_probs[at])  # [n, k] each
             else:
                 tgt_h = batch.target_hidden[at]  # [n, H]
-        args = (hidden, prev, valid, blocks.label_draft[sl], blocks.in_vocab[sl], blocks.weights, tgt_h, topk)
+        args = (hidden, prev, valid, blocks.label_draft[sl], blocks.in_vocab[sl], blocks.weights[sl], tgt_h, topk)
         if self.config.recompute and torch.is_grad_enabled() and hidden.requires_grad:
             nums, c_star, match = checkpoint(self._chunk_terms, *args, use_reentrant=False)
         else:
@@ -449,7 +457,7 @@ class BlockObjective(nn.Module):
         for the n supervised slots of the chunk; p_t from the target's hidden `tgt_h` [n, H] or
         from its top-k `topk` ([n, k] ids, [n, k] probabilities)."""
         logp = _log_probs(self.slot_logits(hidden, prev)[valid])  # [c, γ, Vd] -> [n, Vd]
-        w = weights.to(logp.dtype).expand(valid.shape)[valid]  # [γ] -> [n]
+        w = weights.to(logp.dtype)[valid]  # [c, γ] -> [n]
         wv = w * in_vocab[valid]
         zero = logp.new_zeros(())
         ce = -(logp.gather(1, label_draft[valid].clamp(min=0)[:, None])[:, 0] * wv).sum()

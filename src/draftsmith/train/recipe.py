@@ -45,6 +45,10 @@ class DataConfig(StrictConfig):
     long_records: Literal["truncate", "windows"] = "truncate"
     # more sources; held-out conversations (by conversation id) are excluded from every source
     mix: list[MixSource] = []
+    # render the training records once, one at a time, into a memory-mapped sample store in the
+    # run dir (RUN/samples, train/samples.py) and read a sample when a batch needs it: a corpus of
+    # any size in bounded memory (the held-out split stays in memory: it is small)
+    stream: bool = False
 
 
 class FeaturesConfig(StrictConfig):
@@ -127,6 +131,9 @@ class LossConfig(StrictConfig):
     # 0. None: the drafter's own default (DSpark 0.1 ce + 0.9 l1 + 1.0 bce, DFlash ce, Eagle3
     # soft_ce). kl / ce_argmax distill from the target's p_t instead of the text's next token.
     weights: LossWeights | None = None
+    # "token": every supervised slot weighs the same; "sequence": each sequence's slots share one
+    # unit (DeepSpec's Eagle3: token averaging lets long, here looping, answers dominate)
+    average: Literal["token", "sequence"] = "token"
 
 
 class Recipe(StrictConfig):

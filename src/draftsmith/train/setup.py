@@ -123,7 +123,7 @@ def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: D
             raise InputError("features.top_k stores p_t in a feature cache: it needs features.mode: cache "
                              "(or --cache); online features compute the exact p_t every step")
         return FeatureSource(target, None, policy)
-    samples = data.train + data.heldout
+    samples = data.train + data.heldout  # a list, or a SampleStore's ConcatSamples (data.stream)
     path = Path(cache_dir) if cache_dir else _cache_dir(recipe, target, samples)
     if info.is_main:
         with _build_lock(path):  # two runs sharing one cache (dspark + dflash) build it once
@@ -143,6 +143,21 @@ def feature_source(recipe: Recipe, target: TargetModel, data: TrainData, info: D
     return FeatureSource(target, cache, policy)
 
 
+def _prepare(recipe: Recipe, data_path: str, tokenizer, info: DistInfo, store: Path | None,
+             replace_store: bool) -> TrainData:
+    """The run's data; with data.stream rank 0 writes the sample store while the other ranks
+    wait, then they open it (an error on rank 0 still reaches the barrier, then is raised)."""
+    if not recipe.data.stream:
+        return prepare_data(data_path, tokenizer, recipe.data)
+    if not info.is_main:
+        barrier()
+        return prepare_data(data_path, tokenizer, recipe.data, store, write_store=False)
+    try:
+        return prepare_data(data_path, tokenizer, recipe.data, store, replace_store=replace_store)
+    finally:
+        barrier()
+
+
 @dataclass
 class Setup:
     target: TargetModel
@@ -155,13 +170,16 @@ class Setup:
 
 
 def build_setup(recipe: Recipe, data_path: str, info: DistInfo, cache_dir: str | None = None,
-                init_from: str | None = None, progress: bool = True, check_data=None) -> Setup:
+                init_from: str | None = None, progress: bool = True, check_data=None,
+                store: Path | None = None, replace_store: bool = False) -> Setup:
     """Target, data, draft and feature source; `check_data(TrainData)` runs once the data is
-    rendered, before the draft is built or a feature cache is touched."""
+    rendered, before the draft is built or a feature cache is touched. `store`: where
+    `data.stream` writes the training samples (rank 0 writes, the other ranks then open it;
+    `replace_store`: a store of other inputs is rewritten, as when a run starts over)."""
     dtype = resolve_dtype(recipe.features.target_dtype, info.device)
     hf, source = load_target_model(recipe.target, dtype.torch)
     tokenizer = load_tokenizer(source)
-    data = prepare_data(data_path, tokenizer, recipe.data)
+    data = _prepare(recipe, data_path, tokenizer, info, store, replace_store)
     if check_data is not None:
         check_data(data)
     model = build_model(recipe, hf, data, init_from)
