@@ -47,7 +47,8 @@ class DataConfig(StrictConfig):
     mix: list[MixSource] = []
     # render the training records once, one at a time, into a memory-mapped sample store in the
     # run dir (RUN/samples, train/samples.py) and read a sample when a batch needs it: a corpus of
-    # any size in bounded memory (the held-out split stays in memory: it is small)
+    # any size with its tokens on disk (per sample only an id and an offset stay in memory; the
+    # held-out split stays in memory: it is small)
     stream: bool = False
 
 
