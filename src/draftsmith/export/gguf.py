@@ -34,7 +34,7 @@ from draftsmith.export.formats import FormatAdapter, WriteContext, most_specific
 from draftsmith.export.manifest import TargetInfo, target_hf_dir, write_engine_dir
 from draftsmith.models.dspark import DSparkConfig
 from draftsmith.models.eagle3 import Eagle3Config
-from draftsmith.utils.io import InputError
+from draftsmith.utils.io import InputError, read_json_file
 from draftsmith.utils.paths import cache_root
 
 GGUF_FILE = "draft.gguf"
@@ -263,14 +263,7 @@ TUNING_VERSION = 3
 
 def read_tuning(draft_dir: Path) -> dict | None:
     """DRAFT/serve_tuning.json; None when absent or of another version (measure again)."""
-    path = Path(draft_dir) / TUNING_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); delete it or rerun serve-check "
-                         "--retune") from None
+    data = read_json_file(Path(draft_dir) / TUNING_FILE, "delete it or rerun serve-check --retune")
     return data if isinstance(data, dict) and data.get("version") == TUNING_VERSION else None
 
 

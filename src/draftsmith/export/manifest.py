@@ -38,7 +38,7 @@ from draftsmith import __version__
 from draftsmith.models.layers import geometry_from_target
 from draftsmith.targets.resolve import TargetSource, resolve_target
 from draftsmith.models.io import read_config_json
-from draftsmith.utils.io import InputError, atomic_write_json
+from draftsmith.utils.io import InputError, atomic_write_json, read_json_file
 
 MANIFEST_FILE = "draftsmith_manifest.json"
 MANIFEST_FORMAT = "draftsmith-export"
@@ -281,10 +281,7 @@ def find_recipe(draft_dir: Path) -> dict | None:
     draft dir itself)."""
     for cand in (draft_dir / "recipe.json", draft_dir.resolve().parent / "recipe.json"):
         if cand.is_file():
-            try:
-                data = json.loads(cand.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{cand}:{e.lineno}: invalid JSON ({e.msg})") from None
+            data = read_json_file(cand)
             return data if isinstance(data, dict) else None
     return None
 
@@ -294,10 +291,7 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
     file = Path(path) / MANIFEST_FILE
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    data = read_json_file(file)
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise InputError(f"{file}: not a draftsmith export manifest (format {MANIFEST_FORMAT!r})")
     if not isinstance(data.get("version"), int) or data["version"] > MANIFEST_VERSION:

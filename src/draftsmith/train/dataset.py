@@ -46,19 +46,29 @@ def _render(tokenizer, records: list[dict], cfg: DataConfig, what: str,
     return kept, stats
 
 
-def _mix_records(cfg: DataConfig, n_main: int, held_keys: set[str]) -> tuple[list[dict], list[str]]:
-    """The records of `cfg.mix`, held-out conversations removed, ids prefixed `mix<i>:`."""
-    out, lines = [], []
+def _mix_takes(cfg: DataConfig, n_main: int) -> list[int | None]:
+    """How many records each `cfg.mix` source gives beside --data's n_main (None: all of them)."""
     shares = sum(src.ratio or 0.0 for src in cfg.mix)
     if shares >= 1:
         raise InputError(f"data.mix ratios sum to {shares:g}: each is a source's share of the training "
                          "records, so together they must stay below 1 (--data keeps the rest)")
+    return [None if src.ratio is None else round(src.ratio / (1 - shares) * n_main) for src in cfg.mix]
+
+
+def _too_long_notes(too_long: list[tuple[str, int]], max_chars: int) -> list[str]:
+    return [f"record {rid!r}: {n} characters, over data.max_record_chars {max_chars}: skipped" for rid, n in too_long]
+
+
+def _mix_records(cfg: DataConfig, n_main: int, held_keys: set[str]) -> tuple[list[dict], list[str]]:
+    """The records of `cfg.mix`, held-out conversations removed, ids prefixed `mix<i>:`."""
+    out, lines = [], []
+    takes = _mix_takes(cfg, n_main)
     for i, src in enumerate(cfg.mix):
         records, notes = _read(src.path)
         kept = [r for r in records if sharegpt_conversation(str(r["id"])) not in held_keys]
         excluded = len(records) - len(kept)
         if src.ratio is not None:
-            wanted = round(src.ratio / (1 - shares) * n_main)
+            wanted = takes[i]
             if wanted > len(kept):
                 lines.append(f"data.mix[{i}] {src.path}: ratio {src.ratio:g} asks for {wanted} records, "
                              f"the source has {len(kept)}: all used")
@@ -95,8 +105,7 @@ def prepare_data(data_path: str, tokenizer, cfg: DataConfig, store: str | Path |
     records += mixed
     records, too_long = split_by_size(records, cfg.max_record_chars)
     held_records, held_too_long = split_by_size(held_records, cfg.max_record_chars)
-    notes += [f"record {rid!r}: {n} characters, over data.max_record_chars {cfg.max_record_chars}: skipped"
-              for rid, n in too_long + held_too_long]
+    notes += _too_long_notes(too_long + held_too_long, cfg.max_record_chars)
     for n in notes[:10]:
         log.warning(n)
     train, tstats = _render(tokenizer, records, cfg, data_path, cfg.long_records == "windows")
@@ -245,8 +254,7 @@ def _notes(cfg: DataConfig, counts: list[dict], held_report: ConversationsFile,
     """`prepare_data`'s notes: --data's (and the held-out file's) unusable lines, then records
     over the size guard."""
     notes = counts[0]["problems"] + (held_report.problems if cfg.heldout else [])
-    notes += [f"record {rid!r}: {n} characters, over data.max_record_chars {cfg.max_record_chars}: skipped"
-              for rid, n in too_long]
+    notes += _too_long_notes(too_long, cfg.max_record_chars)
     for n in notes[:10]:
         log.warning(n)
     return notes
@@ -258,13 +266,8 @@ def _write_store(data_path: str, tokenizer, cfg: DataConfig, store: Path, key: s
     counts = [{} for _ in range(len(cfg.mix) + 1)]
     sources = [_source(data_path, held_keys, counts[0], cfg.limit)]
     if cfg.mix:
-        shares = sum(src.ratio or 0.0 for src in cfg.mix)
-        if shares >= 1:
-            raise InputError(f"data.mix ratios sum to {shares:g}: each is a source's share of the training "
-                             "records, so together they must stay below 1 (--data keeps the rest)")
-        n_main = sum(1 for _ in _source(data_path, held_keys, {}, cfg.limit))
-        sources += [_source(src.path, held_keys, counts[i + 1], prefix=f"mix{i}:",
-                            take=None if src.ratio is None else round(src.ratio / (1 - shares) * n_main))
+        takes = _mix_takes(cfg, sum(1 for _ in _source(data_path, held_keys, {}, cfg.limit)))
+        sources += [_source(src.path, held_keys, counts[i + 1], prefix=f"mix{i}:", take=takes[i])
                     for i, src in enumerate(cfg.mix)]
     stats, too_long = RenderStats(), []
     records = _within_size(itertools.chain(*sources), cfg.max_record_chars, too_long)

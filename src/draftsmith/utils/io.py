@@ -67,6 +67,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json_file(path: str | os.PathLike, advice: str = "") -> Any | None:
+    """A JSON file's value; None when the file is absent; InputError naming file and line (and
+    `advice`) when it is not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg}){'; ' + advice if advice else ''}") from None
+
+
 def iter_jsonl(
     path: str | os.PathLike, problems: list[JsonlProblem] | None = None
 ) -> Iterator[tuple[int, dict]]:
