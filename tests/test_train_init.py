@@ -87,3 +87,76 @@ def test_final_norm_target_takes_the_targets_logit_scale(family):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) == same, (family, final_norm)
     with pytest.raises(ValueError, match="final_norm"):
         Recipe(drafter="dspark", model=model, init={"final_norm": 0})
+
+
+def _causal_update(model, rows):
+    """What the draft's first layer, run causally over `rows` [1, S, H] as its own tokens, adds to
+    them (its output minus its input) -> [1, S, H]."""
+    S = rows.shape[1]
+    pos = torch.arange(S)[None]
+    cos, sin = model.rotary(pos, rows.dtype)
+    mask = torch.ones(S, S, dtype=torch.bool).tril()[None, None]  # [1, 1, S, S]
+    return model.layers[0](rows, cos, sin, mask) - rows
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_layers_from_target_start_as_the_targets_last_layer(family):
+    """init.layers=target: a one-layer draft holds a copy of the target's last layer, fc picks the
+    output of the layer before it, hidden_norm is that layer's input norm. Run over the target's own
+    layer-2 output, the draft layer adds what the target's layer 3 adds (Qwen3: exactly, it has q/k
+    norms; Llama: the draft's q/k norms start at the target's typical q/k scale, so nearly); a
+    random backbone, the negative control, does not."""
+    from draftsmith.train.dataset import TrainData
+    from draftsmith.train.recipe import Recipe
+    from draftsmith.train.setup import build_model
+
+    target = tiny_target(family)
+    ids = torch.randint(0, 96, (1, 40))
+    seen = {}
+    hook = target.get_decoder().layers[3].register_forward_hook(
+        lambda _m, _i, out: seen.update(out=out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        out = target(input_ids=ids, output_hidden_states=True)
+    hook.remove()
+    h2 = out.hidden_states[3]  # output of target layer 2 = input of layer 3, the last
+    want_update = seen["out"] - h2
+    features = torch.cat([out.hidden_states[1], h2], -1)  # target_layer_ids [0, 2]
+    model_cfg = {"mask_token_id": 5, "num_hidden_layers": 1, "target_layer_ids": [0, 2], "block_size": 3,
+                 "markov_rank": 0, "confidence_head_with_markov": False}
+    data = TrainData([RenderedSample("a", ids[0].tolist(), [0] + [1] * 39)], [])
+    cos = {}
+    for layers in ("target", "random"):
+        recipe = Recipe(drafter="dspark", model=model_cfg, init={"layers": layers})
+        model = build_model(recipe, target, data, None)
+        with torch.no_grad():
+            if layers == "target":
+                assert torch.equal(model.fc(features), h2)  # fc reads layer 2 only
+                want = target.get_decoder().layers[3].input_layernorm(h2)
+                assert torch.allclose(model.project_context(features), want, atol=1e-5)
+            update = _causal_update(model, h2)
+        cos[layers] = float(torch.nn.functional.cosine_similarity(update.flatten(), want_update.flatten(), 0))
+        if layers == "target" and family == "qwen3":
+            assert torch.allclose(update, want_update, atol=1e-5)
+    assert cos["target"] > (0.999 if family == "qwen3" else 0.9), cos
+    assert abs(cos["random"]) < 0.3, cos
+
+
+def test_layers_from_target_need_the_input_layer_tapped():
+    from draftsmith.train.dataset import TrainData
+    from draftsmith.train.recipe import Recipe
+    from draftsmith.train.setup import build_model
+
+    target = tiny_target("qwen3")
+    data = TrainData([RenderedSample("a", [1, 2, 3], [0, 1, 1])], [])
+    model_cfg = {"mask_token_id": 5, "num_hidden_layers": 1, "target_layer_ids": [1], "block_size": 3, "markov_rank": 0,
+                 "confidence_head_with_markov": False}
+    recipe = Recipe(drafter="dspark", model=model_cfg, init={"layers": "target"})
+    with pytest.raises(InputError, match="must include 2"):
+        build_model(recipe, target, data, None)
+    recipe = Recipe(drafter="eagle3", model={"target_layer_ids": [0, 1, 2]}, init={"layers": "target"})
+    with pytest.raises(InputError, match="DSpark or DFlash"):
+        build_model(recipe, target, data, None)
+    gemma = tiny_target("gemma")
+    recipe = Recipe(drafter="dspark", model={**model_cfg, "target_layer_ids": [2]}, init={"layers": "target"})
+    with pytest.raises(InputError, match="Gemma"):
+        build_model(recipe, gemma, data, None)

@@ -82,3 +82,85 @@ def init_markov_from_bigrams(model: nn.Module, samples: list[RenderedSample], sm
     w2[:, : b.shape[1]] = b.to(w2)
     return (f"Markov head initialized from {prev.numel()} label bigrams ({rows.numel()} distinct "
             f"previous tokens, rank {a.shape[1]})")
+
+
+# --------------------------------------------------------------------------- layers: target
+#
+# `layers: target` starts a DSpark / DFlash backbone as a copy of the target's own last layers
+# (same width, heads and MLP: the draft geometry is the target's). With n draft layers, draft
+# layer i = target layer T - n + i, `fc` reads only the tapped output of layer T - n - 1 (the
+# input those layers saw in the target) and `hidden_norm` is the first copied layer's
+# `input_layernorm`, so at step 0 the context keys/values of the first draft layer are the
+# target's own. Their attention already knows recency under RoPE, where a random layer attends
+# uniformly over hundreds of context rows (issue 14's leak measurement). Weights the target's
+# layers lack (the draft's q_norm / k_norm on a Llama target) start as a constant: the typical
+# RMS of the target's q / k at that layer, measured on training tokens, so the normalized
+# projections keep the target's attention-logit scale.
+
+
+def _typical_rms(layer: nn.Module, hf_target: nn.Module, ids: torch.Tensor, idx: int) -> dict[str, float]:
+    """RMS of q_proj / k_proj outputs of target layer `idx` (head-dim rows) on `ids` [1, S]."""
+    seen: dict[str, float] = {}
+    hooks = []
+    attn = layer.self_attn
+    for name in ("q_proj", "k_proj"):
+        def hook(_m, _i, out, name=name):
+            seen[name] = float(out.float().pow(2).mean().sqrt())
+        hooks.append(getattr(attn, name).register_forward_hook(hook))
+    try:
+        hf_target(input_ids=ids.to(next(hf_target.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(seen) != 2:
+        raise InputError(f"init.layers: target layer {idx} has no q_proj/k_proj to measure")
+    return seen
+
+
+@torch.no_grad()
+def init_layers_from_target(model: nn.Module, hf_target: nn.Module, samples) -> str:
+    """Copy the target's last `num_hidden_layers` decoder layers into a DSpark/DFlash backbone
+    (section comment above); returns a log line. InputError when the geometry does not match."""
+    cfg = model.config
+    if not hasattr(model, "fc") or not hasattr(model, "hidden_norm"):
+        raise InputError("init.layers: target needs a DSpark or DFlash draft (Eagle3's first "
+                         "layer reads [embedding; feature], which no target layer does)")
+    if getattr(cfg, "family", None) == "gemma":
+        raise InputError("init.layers: target is not supported for Gemma targets yet (their norms "
+                         "scale by 1 + w, the draft's by w; use init.layers: random)")
+    t_layers = hf_target.get_decoder().layers
+    n, T = len(model.layers), len(t_layers)
+    first = T - n
+    src = first - 1  # the target layer whose output the first copied layer reads
+    if src not in cfg.target_layer_ids:
+        raise InputError(f"init.layers: target copies target layers {first}..{T - 1}, so "
+                         f"model.target_layer_ids must include {src} (the input of layer {first}); "
+                         f"got {list(cfg.target_layer_ids)}")
+    H = cfg.hidden_size
+    sample = next(iter(samples), None)
+    if sample is None:
+        raise InputError("init.layers: target found no training sample to measure q/k scales on")
+    ids = torch.tensor([sample.input_ids[:256]], dtype=torch.long)
+    copied = []
+    for i, (draft_layer, t_layer) in enumerate(zip(model.layers, t_layers[first:])):
+        theirs = t_layer.state_dict()
+        ours = draft_layer.state_dict()
+        for name, p in ours.items():
+            if name in theirs:
+                if theirs[name].shape != p.shape:
+                    raise InputError(f"init.layers: target layer {first + i} {name} has shape "
+                                     f"{tuple(theirs[name].shape)}, the draft's {tuple(p.shape)}")
+                p.copy_(theirs[name].to(p.dtype))
+                copied.append(name)
+        attn = draft_layer.self_attn
+        missing = [m for m in ("q_norm.weight", "k_norm.weight") if m in ours and m not in theirs]
+        if missing:
+            rms = _typical_rms(t_layer, hf_target, ids, first + i)
+            for m in missing:
+                getattr(attn, m.split(".")[0]).weight.fill_(rms[m[0] + "_proj"])
+    k = list(cfg.target_layer_ids).index(src)
+    model.fc.weight.zero_()
+    model.fc.weight[:, k * H:(k + 1) * H] = torch.eye(H, dtype=model.fc.weight.dtype)  # [H, L·H]: pick layer src
+    model.hidden_norm.weight.copy_(t_layers[first].input_layernorm.weight.to(model.hidden_norm.weight.dtype))
+    return (f"draft layers initialized from target layers {first}..{T - 1} "
+            f"({len(set(copied))} tensors each; fc reads target layer {src})")

@@ -125,6 +125,9 @@ class InitConfig(StrictConfig):
     # factorization of the training labels' smoothed log-bigram table; train/init.py)
     markov: Literal["random", "bigram"] = "random"
     bigram_smoothing: float = Field(1.0, gt=0)  # α of the additive smoothing towards the unigram
+    # DSpark / DFlash backbone: "random" or "target" (copies of the target's last layers, fc reading
+    # the output of the layer before them; train/init.py). Needs that layer in target_layer_ids.
+    layers: Literal["random", "target"] = "random"
 
 
 class LossConfig(StrictConfig):

@@ -24,7 +24,7 @@ from draftsmith.models.io import build_draft, load_draft
 from draftsmith.models.vocab import build_draft_vocab
 from draftsmith.targets.model import TargetModel, load_target_model, load_tokenizer
 from draftsmith.train.dataset import TrainData, prepare_data, supervised_token_counts
-from draftsmith.train.init import init_markov_from_bigrams
+from draftsmith.train.init import init_layers_from_target, init_markov_from_bigrams
 from draftsmith.train.parallel import DistInfo, barrier
 from draftsmith.train.recipe import Recipe
 from draftsmith.utils.dtypes import ComputeDtype
@@ -63,6 +63,8 @@ def build_model(recipe: Recipe, hf_target: nn.Module, data: TrainData, init_from
         data.lines.append(f"draft vocabulary: {cfg.draft_vocab_size} of {cfg.vocab_size} tokens cover "
                           f"{covered:.2%} of the training labels")
     model = model.init_from_target(hf_target, kept)
+    if recipe.init.layers == "target":
+        data.lines.append(init_layers_from_target(model, hf_target, data.train))
     with torch.no_grad():
         if recipe.init.final_norm == "target":
             model.norm.weight.copy_(final_norm_scale(hf_target).to(model.norm.weight.dtype))
