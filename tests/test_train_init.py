@@ -150,8 +150,12 @@ def test_layers_from_target_need_the_input_layer_tapped():
     data = TrainData([RenderedSample("a", [1, 2, 3], [0, 1, 1])], [])
     model_cfg = {"mask_token_id": 5, "num_hidden_layers": 1, "target_layer_ids": [1], "block_size": 3, "markov_rank": 0,
                  "confidence_head_with_markov": False}
-    recipe = Recipe(drafter="dspark", model=model_cfg, init={"layers": "target"})
-    with pytest.raises(InputError, match="must include 2"):
+    recipe = Recipe(drafter="dspark", model={**model_cfg, "target_layer_ids": [1]}, init={"layers": "target"})
+    build_model(recipe, target, data, None)  # layer 2, the copied layer's input, is not tapped: fc reads 1
+    assert "fc reads target layer 1; target layers 2..2 skipped" in data.lines[-1]
+    two = {**model_cfg, "num_hidden_layers": 2, "target_layer_ids": [2]}  # copies layers 2, 3
+    recipe = Recipe(drafter="dspark", model=two, init={"layers": "target"})
+    with pytest.raises(InputError, match="a layer below 2"):
         build_model(recipe, target, data, None)
     recipe = Recipe(drafter="eagle3", model={"target_layer_ids": [0, 1, 2]}, init={"layers": "target"})
     with pytest.raises(InputError, match="DSpark or DFlash"):

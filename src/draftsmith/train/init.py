@@ -89,7 +89,7 @@ def init_markov_from_bigrams(model: nn.Module, samples: list[RenderedSample], sm
 # `layers: target` starts a DSpark / DFlash backbone as a copy of the target's own last layers
 # (same width, heads and MLP: the draft geometry is the target's). With n draft layers, draft
 # layer i = target layer T - n + i, `fc` reads only the tapped output of layer T - n - 1 (the
-# input those layers saw in the target) and `hidden_norm` is the first copied layer's
+# input those layers saw in the target; when it is not tapped, the highest tapped layer below it) and `hidden_norm` is the first copied layer's
 # `input_layernorm`, so at step 0 the context keys/values of the first draft layer are the
 # target's own. Their attention already knows recency under RoPE, where a random layer attends
 # uniformly over hundreds of context rows (issue 14's leak measurement). Weights the target's
@@ -131,11 +131,12 @@ def init_layers_from_target(model: nn.Module, hf_target: nn.Module, samples) -> 
     t_layers = hf_target.get_decoder().layers
     n, T = len(model.layers), len(t_layers)
     first = T - n
-    src = first - 1  # the target layer whose output the first copied layer reads
-    if src not in cfg.target_layer_ids:
+    below = [i for i in cfg.target_layer_ids if i < first]
+    if not below:
         raise InputError(f"init.layers: target copies target layers {first}..{T - 1}, so "
-                         f"model.target_layer_ids must include {src} (the input of layer {first}); "
-                         f"got {list(cfg.target_layer_ids)}")
+                         f"model.target_layer_ids must include a layer below {first} for fc to read "
+                         f"(ideally {first - 1}, their input); got {list(cfg.target_layer_ids)}")
+    src = max(below)  # the tapped layer closest to the copied ones; ideally first - 1
     H = cfg.hidden_size
     sample = next(iter(samples), None)
     if sample is None:
@@ -162,5 +163,6 @@ def init_layers_from_target(model: nn.Module, hf_target: nn.Module, samples) -> 
     model.fc.weight.zero_()
     model.fc.weight[:, k * H:(k + 1) * H] = torch.eye(H, dtype=model.fc.weight.dtype)  # [H, L·H]: pick layer src
     model.hidden_norm.weight.copy_(t_layers[first].input_layernorm.weight.to(model.hidden_norm.weight.dtype))
+    skipped = f"; target layers {src + 1}..{first - 1} skipped" if src < first - 1 else ""
     return (f"draft layers initialized from target layers {first}..{T - 1} "
-            f"({len(set(copied))} tensors each; fc reads target layer {src})")
+            f"({len(set(copied))} tensors each; fc reads target layer {src}{skipped})")
