@@ -10,6 +10,11 @@ Rows (p_d for slot k, which predicts the token at anchor + k + 1, previous token
   (what `init.markov: bigram` starts DSpark's Markov head from, at full rank);
 - `ngram-copy`: prompt lookup — the most recent earlier occurrence of the last 3 tokens in the
   same sequence proposes its continuation (one-hot; c* = p_t(proposal)), nothing when absent;
+- `feature-copy-N` (N = 1, 2): the most recent earlier position j < anchor whose last N tokens equal
+  the anchor's; slot k proposes the target's own distribution at j + k (p_t[j + k], read from the
+  context the draft is given: only while j + k < anchor), nothing without a match. What a draft
+  that finds the match by attention and reads that row's target state could propose: the value of
+  learning to copy, where `ngram-copy` is what copying the tokens alone gives;
 - `argmax oracle`: one-hot on the target's own argmax (c* = max p_t): the best deterministic
   proposer, an upper bound for greedy-style drafts;
 - `--draft`: a trained draft, and the same draft with its target-feature context zeroed (how much
@@ -37,6 +42,15 @@ def add_block(tau, cs: list[float]) -> None:
     c[0, : len(cs)] = torch.tensor(cs, dtype=torch.float64)
     valid = torch.arange(tau.block_size)[None] < len(cs)
     tau.add_blocks(c, valid, torch.zeros_like(valid))
+
+
+def last_match(ids: list[int], a: int, n: int) -> int | None:
+    """The most recent j < a with ids[j - n + 1 .. j] == ids[a - n + 1 .. a], or None."""
+    key = ids[a - n + 1: a + 1]
+    for j in range(a - 1, n - 2, -1):
+        if ids[j - n + 1: j + 1] == key:
+            return j
+    return None
 
 
 def count_tables(samples, vocab: int):
@@ -78,7 +92,9 @@ def main() -> int:
     uni, big = count_tables(s.data.train, V)
     held = s.features(s.data.heldout)
     ngram = NGramProposer(num_tokens=block, max_ngram=3, min_ngram=3)
-    rows = {name: meter(block) for name in ("unigram", "bigram", "ngram-copy", "argmax oracle")}
+    copies = (1, 2)
+    names = ("unigram", "bigram", "ngram-copy", *(f"feature-copy-{n}" for n in copies), "argmax oracle")
+    rows = {name: meter(block) for name in names}
     with torch.no_grad():
         for f in held:
             ids = f.input_ids.tolist()
@@ -89,6 +105,7 @@ def main() -> int:
                 if not slots:
                     continue
                 prop = ngram.lookup(ids[: a + 1])
+                match = {n: last_match(ids, a, n) for n in copies}
                 cs = {n: [] for n in rows}
                 for k in slots:
                     pt = p_t[a + k]
@@ -102,6 +119,9 @@ def main() -> int:
                             q[tok] += 0.9 * c / tot
                     cs["bigram"].append(float(torch.minimum(pt, q).sum()))
                     cs["ngram-copy"].append(float(pt[prop[k]]) if k < len(prop) else 0.0)
+                    for n, j in match.items():
+                        seen = j is not None and j + k < a
+                        cs[f"feature-copy-{n}"].append(float(torch.minimum(pt, p_t[j + k]).sum()) if seen else 0.0)
                     cs["argmax oracle"].append(float(pt.max()))
                 for n in rows:
                     add_block(rows[n], cs[n])
