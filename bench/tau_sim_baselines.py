@@ -99,7 +99,7 @@ def main() -> int:
         for f in held:
             ids = f.input_ids.tolist()
             p_t = torch.softmax(s.target.logits(f.hidden).double(), -1)  # [S, V]: p_t[t] = next after t
-            for a in sample_anchors(f.loss_mask, loop._num_anchors(s), recipe.train.seed, loop.EVAL_EPOCH, f.id).tolist():
+            for a in sample_anchors(f.loss_mask, loop._num_anchors(s.model), recipe.train.seed, loop.EVAL_EPOCH, f.id).tolist():
                 slots = [k for k in range(block) if a + k + 1 < len(ids) and f.loss_mask[a + k + 1]]
                 slots = slots[: next((i for i, k in enumerate(slots) if k != i), len(slots))]
                 if not slots:
