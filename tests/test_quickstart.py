@@ -17,12 +17,12 @@ def served_result(speedup=0.8) -> dict:
 def test_truth_line_names_speedup_break_even_cpu_and_the_reference(tmp_path, monkeypatch):
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"speedup": 1.07, "served_tau": 1.9, "break_even_tau": 1.77,
-                               "cpu": "AMD EPYC, 2 cores, AVX2"}))
+                               "cpu": "AMD EPYC, 2 cores, AVX2", "commit": "e47d188"}))
     monkeypatch.setattr(quickstart, "REFERENCE", ref)
     line = quickstart.truth(served_result(), trained=None)
     assert "served speedup 0.80× against plain SmolLM2.Q4_1.gguf (100.0 tok/s) on Some CPU, 2 cores, AVX2" in line
     assert "served τ 1.31, break-even τ 1.64" in line and "q8_0, n_max 2, p_min 0.45" in line
-    assert "recipe's draft (README): 1.07× (served τ 1.90, break-even τ 1.77) on AMD EPYC, 2 cores, AVX2" in line
+    assert "recipe's draft at e47d188 (README): 1.07× (served τ 1.90, break-even τ 1.77) on AMD EPYC, 2 cores, AVX2" in line
     # a trained draft passed in: its own measurement only
     assert "README" not in quickstart.truth(served_result(), trained="RUN")
     monkeypatch.setattr(quickstart, "REFERENCE", tmp_path / "absent.json")

@@ -213,7 +213,8 @@ def truth(result: dict, trained: str | None) -> str:
     if not REFERENCE.is_file():
         return line + "; the shipped recipe's draft has no measured served figure yet"
     ref = json.loads(REFERENCE.read_text(encoding="utf-8"))
-    return (line + f"; the shipped smollm2-135m/dspark recipe's draft (README): {ref['speedup']:.2f}× "
+    # the reference names its commit: the recipe may have changed since it was served
+    return (line + f"; the smollm2-135m/dspark recipe's draft at {ref['commit']} (README): {ref['speedup']:.2f}× "
             f"(served τ {ref['served_tau']:.2f}, break-even τ {ref['break_even_tau']:.2f}) on {ref['cpu']}")
 
 
