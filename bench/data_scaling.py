@@ -87,12 +87,9 @@ def run_point(spec: str, args, held: Path, out: Path) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from draftsmith.utils.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     for kind, marker in (("regen", "o"), ("raw", "s"), ("mix", "^")):
         pts = [r for r in rows if r["point"].startswith(kind) and r["train_sequences"]]
         if pts:
@@ -106,8 +103,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title(f"{rows[0]['steps']} optimizer steps per point")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:

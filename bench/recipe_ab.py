@@ -68,12 +68,9 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from draftsmith.utils.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     for r in rows:
         steps, taus = zip(*r["curve"])
         ax.plot(steps, taus, marker="o", label=r["variant"])
@@ -82,8 +79,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title(f"recipe A/B, {rows[0]['steps']} steps per variant")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:

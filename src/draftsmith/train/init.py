@@ -98,22 +98,23 @@ def init_markov_from_bigrams(model: nn.Module, samples: list[RenderedSample], sm
 # projections keep the target's attention-logit scale.
 
 
-def _typical_rms(layer: nn.Module, hf_target: nn.Module, ids: torch.Tensor, idx: int) -> dict[str, float]:
-    """RMS of q_proj / k_proj outputs of target layer `idx` (head-dim rows) on `ids` [1, S]."""
-    seen: dict[str, float] = {}
+def _typical_rms(layers: list[nn.Module], hf_target: nn.Module, ids: torch.Tensor) -> list[dict[str, float]]:
+    """RMS of the q_proj / k_proj outputs of each of `layers` (target decoder layers) on `ids`
+    [1, S]: one target forward with hooks on all of them."""
+    seen: list[dict[str, float]] = [{} for _ in layers]
     hooks = []
-    attn = layer.self_attn
-    for name in ("q_proj", "k_proj"):
-        def hook(_m, _i, out, name=name):
-            seen[name] = float(out.float().pow(2).mean().sqrt())
-        hooks.append(getattr(attn, name).register_forward_hook(hook))
+    for out, layer in zip(seen, layers):
+        for name in ("q_proj", "k_proj"):
+            def hook(_m, _i, y, out=out, name=name):
+                out[name] = float(y.float().pow(2).mean().sqrt())
+            hooks.append(getattr(layer.self_attn, name).register_forward_hook(hook))
     try:
         hf_target(input_ids=ids.to(next(hf_target.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
-    if len(seen) != 2:
-        raise InputError(f"init.layers: target layer {idx} has no q_proj/k_proj to measure")
+    if any(len(d) != 2 for d in seen):
+        raise InputError("init.layers: a copied target layer has no q_proj/k_proj to measure")
     return seen
 
 
@@ -143,6 +144,7 @@ def init_layers_from_target(model: nn.Module, hf_target: nn.Module, samples) -> 
         raise InputError("init.layers: target found no training sample to measure q/k scales on")
     ids = torch.tensor([sample.input_ids[:256]], dtype=torch.long)
     copied = []
+    rms = None  # measured once, for every copied layer, when the draft has q/k norms the target lacks
     for i, (draft_layer, t_layer) in enumerate(zip(model.layers, t_layers[first:])):
         theirs = t_layer.state_dict()
         ours = draft_layer.state_dict()
@@ -156,9 +158,9 @@ def init_layers_from_target(model: nn.Module, hf_target: nn.Module, samples) -> 
         attn = draft_layer.self_attn
         missing = [m for m in ("q_norm.weight", "k_norm.weight") if m in ours and m not in theirs]
         if missing:
-            rms = _typical_rms(t_layer, hf_target, ids, first + i)
+            rms = rms or _typical_rms(list(t_layers[first:]), hf_target, ids)
             for m in missing:
-                getattr(attn, m.split(".")[0]).weight.fill_(rms[m[0] + "_proj"])
+                getattr(attn, m.split(".")[0]).weight.fill_(rms[i][m[0] + "_proj"])
     k = list(cfg.target_layer_ids).index(src)
     model.fc.weight.zero_()
     model.fc.weight[:, k * H:(k + 1) * H] = torch.eye(H, dtype=model.fc.weight.dtype)  # [H, L·H]: pick layer src
