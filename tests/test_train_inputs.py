@@ -58,6 +58,11 @@ def test_shipped_cpu_recipes_default_to_auto():
     for name in ("smollm2-135m/dspark", "smollm2-135m/dflash", "smollm2-135m/eagle3"):
         r = load_recipe(name)
         assert r.features.target_dtype == "auto" and r.train.precision == "auto", name
+        # one sample per forward on a CPU (padded batches ran the cache at half the tokens/s on
+        # an AVX2 CPU); padded on a GPU
+        assert r.features.batching == "auto", name
+        # defined by optimizer steps, the time budget only a guard above them
+        assert r.train.max_steps and r.train.time_budget_min >= 60, name
 
 
 def test_run_records_dtypes_and_what_stopped_it(world, tmp_path, monkeypatch):
