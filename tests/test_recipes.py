@@ -48,3 +48,8 @@ def test_dspark_and_dflash_smollm2_recipes_share_everything_but_the_heads():
     assert (a.data, a.features, a.optim, a.train) == (b.data, b.features, b.optim, b.train)
     head_init = {"markov", "bigram_smoothing"}  # how DSpark's Markov head starts: a head setting
     assert a.init.model_dump(exclude=head_init) == b.init.model_dump(exclude=head_init)
+    # the same label source for the token loss (issue 14): only the heads' own terms differ
+    head_terms = {"l1", "bce"}  # DSpark's confidence head (bce) and its L1 to p_t
+    assert a.loss.weights is not None and b.loss.weights is not None
+    assert a.loss.weights.model_dump(exclude=head_terms) == b.loss.weights.model_dump(exclude=head_terms)
+    assert a.loss.average == b.loss.average
