@@ -89,7 +89,8 @@ def plan_for(device: torch.device, steps: int | None = None) -> Plan:
     gpu = device.type == "cuda"
     seq, mb, dtype = (2048, 4, "bf16") if gpu else (48, 2, "fp32")
     common = [f"train.micro_batch={mb}", f"train.global_batch={mb}", f"data.max_length={seq}",
-              "features.mode=online", f"features.target_dtype={dtype}", f"train.precision={dtype}"]
+              "features.mode=online", f"features.target_dtype={dtype}", f"train.precision={dtype}",
+              "features.top_k=null"]  # online features: the exact p_t (a top-k p_t lives in a cache)
     eagle3 = common + ["features.batching=auto", "features.max_batch_tokens=4096", "train.recompute=true"]
     if gpu:
         return Plan(QWEN3_4B, seq, mb, steps or 8, 2, {"dspark": common, "eagle3": eagle3 + [
