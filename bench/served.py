@@ -7,7 +7,8 @@ peers, per dataset at T = 0, the ratios, and each draft's measured break-even τ
 
 - Every configuration is one llama-server (one slot, T = 0) answering the first turn of each
   record, rendered with the target's chat template and sent as token ids (as `serve-check` does);
-  requests run in series, the configurations one after another on the same prompts.
+  all servers start first, then each prompt goes to every one of them in turn (the order rotating
+  per prompt; requests never overlap), so a drift in the machine's speed hits all alike.
 - τ is llama.cpp's mean length, pooled per dataset (1 + Σ accepted / Σ verification steps).
 - `ratio` = decode tokens/s of the configuration / decode tokens/s of plain decoding (prompt
   processing excluded; it is the same for all); `wall` = the same over whole requests.
@@ -20,6 +21,10 @@ peers, per dataset at T = 0, the ratios, and each draft's measured break-even τ
   (--spec-draft-p-min), `dtype` (GGUF weight type of the draft: fp16, bf16, fp32, q8_0);
   `--grid "dtype=fp16,q8_0;n_max=1,2,4;p_min=0,0.4"` serves every draft at every combination
   (the sweep behind a serve setting: τ, round cost = break-even τ, speedup per row).
+- `with=ngram-simple` (or another peer) serves the draft behind an n-gram peer in one
+  llama-server (`--spec-type ngram-simple,draft-dspark`): llama.cpp asks the n-gram first and
+  runs the draft model only in the rounds where it finds no match (the draft still reads the
+  target's features after every batch).
 - `--target-type f32|f16|bf16|q8_0` serves the target converted from its dequantized weights
   (the ones the offline engine uses) instead of the shipped GGUF; plain decoding uses the same
   file, so every ratio compares like with like.
@@ -43,7 +48,7 @@ from draftsmith.serve import check, tune
 from draftsmith.targets.model import load_tokenizer
 from draftsmith.utils.io import InputError, atomic_write_json
 
-OPTIONS = {"n_max": int, "p_min": float, "dtype": str}
+OPTIONS = {"n_max": int, "p_min": float, "dtype": str, "with": str}
 
 
 def parse_draft(spec: str) -> tuple[str, str, dict]:
@@ -59,6 +64,16 @@ def parse_draft(spec: str) -> tuple[str, str, dict]:
             raise InputError(f"--draft {spec!r}: unknown option {item!r} (known: {', '.join(OPTIONS)})")
         options[key] = OPTIONS[key](value)
     return name, path, options
+
+
+def behind_peer(args: list[str], peer: str, name: str) -> list[str]:
+    """llama-server flags with an n-gram peer put ahead of the draft's own spec type."""
+    if peer not in check.PEERS:
+        raise InputError(f"--draft {name}: with={peer!r} is not an n-gram peer ({', '.join(check.PEERS)})")
+    args = list(args)
+    i = args.index("--spec-type") + 1
+    args[i] = f"{peer},{args[i]}"
+    return args
 
 
 def parse_grid(text: str | None) -> dict[str, list]:
@@ -152,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      target, dtype)
         manifest, server_args = exported[key]
         configs[name] = [*server_args[:2], *check.spec_args(manifest, options.get("n_max"), options.get("p_min"))]
+        if options.get("with"):
+            configs[name] = behind_peer(configs[name], options["with"], name)
         target = target or manifest["target"]["id"]
     target = target or "smollm2-135m"
     for peer in split_list(args.peers):
@@ -172,11 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         step = cost["decode_step_ms"]
         print(f"plain decode step {step:.1f} ms; verifying n tokens in one batch costs (plain steps): "
               + ", ".join(f"n={n}: {ms / step:.2f}" for n, ms in cost["batch_ms"].items() if ms), flush=True)
-    plain = check.serve_prompts(target_gguf, [], prompts, args.max_new_tokens, 4096)
-    runs = {}
     for name, extra in configs.items():
         print(f"serving {name}: {' '.join(extra)}", flush=True)
-        runs[name] = check.serve_prompts(target_gguf, extra, prompts, args.max_new_tokens, 4096)
+    print(f"every prompt goes to plain and to each of {len(configs)} servers in turn (interleaved)", flush=True)
+    if "plain" in configs:
+        raise InputError("--draft plain=...: 'plain' names plain decoding; choose another name")
+    runs = check.serve_many({"plain": (target_gguf, []), **{n: (target_gguf, e) for n, e in configs.items()}},
+                            prompts, args.max_new_tokens, 4096)
+    plain = runs.pop("plain")
     result["table"] = summarize(runs, plain, {name for name, _, _ in drafts})
     result["runs"] = {"plain": plain, **runs}
     print_table(result["table"])

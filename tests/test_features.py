@@ -329,6 +329,26 @@ def test_open_refuses_another_target_or_other_layers(built):
         FeatureCache.open(root, expect_target="smollm2-135m")
 
 
+def test_a_cache_serves_a_subset_of_its_layers_in_the_asked_order(built):
+    """A draft tapping fewer layers reads their columns of the stored features, nothing else."""
+    target, root = built
+    full = FeatureCache.open(root, expect_layer_ids=LAYERS)
+    H = full.manifest["hidden_size"]
+    for ids, cols in (([2], slice(H, 2 * H)), ([0], slice(0, H))):
+        sub = FeatureCache.open(root, expect_target=target, expect_layer_ids=ids)
+        assert sub.layer_ids == ids
+        for i in (0, len(full) - 1):
+            assert sub[i].features.shape == (full[i].features.shape[0], H)
+            assert torch.equal(sub[i].features, full[i].features[:, cols])  # same bytes, replayed
+            assert torch.equal(sub[i].hidden, full[i].hidden)
+    swapped = FeatureCache.open(root, expect_layer_ids=[2, 0])
+    assert swapped.layer_ids == [2, 0]
+    assert torch.equal(swapped[0].features, torch.cat([full[0].features[:, H:], full[0].features[:, :H]], 1))
+    assert not torch.equal(swapped[0].features, full[0].features)  # the order is not ignored
+    with pytest.raises(FeatureCacheError, match=r"layers \[0, 2\], expected layers \[0, 1\]"):
+        FeatureCache.open(root, expect_layer_ids=[0, 1])
+
+
 def test_open_names_a_missing_or_corrupt_shard(built):
     _, root = built
     shard = root / "shard_00002.safetensors"

@@ -112,6 +112,14 @@ def test_bench_served_grid_expands_every_combination():
     for bad in ("temperature=1", "n_max", "n_max="):
         with pytest.raises(InputError, match="--grid"):
             served.parse_grid(bad)
+    # with=PEER puts an n-gram peer ahead of the draft's spec type in one server
+    assert served.parse_draft("h=RUN@with=ngram-simple,n_max=1") == ("h", "RUN", {"with": "ngram-simple", "n_max": 1})
+    args = ["-md", "d.gguf", "--spec-type", "draft-dspark", "--spec-draft-n-max", "1"]
+    assert served.behind_peer(args, "ngram-simple", "h") == [
+        "-md", "d.gguf", "--spec-type", "ngram-simple,draft-dspark", "--spec-draft-n-max", "1"]
+    assert args[3] == "draft-dspark"  # the caller's list is left alone
+    with pytest.raises(InputError, match="with='ngram-big'"):
+        served.behind_peer(args, "ngram-big", "h")
 
 
 def test_the_draft_cost_splits_into_fixed_per_slot_and_drafting():
@@ -146,3 +154,46 @@ def test_a_cheap_cut_round_makes_p_min_pay():
     gain = {name: expected(data, 0.5, c, 1)["speedup"] / expected(data, 0.0, c, 1)["speedup"]
             for name, c in (("dear", dear), ("cheap", cheap))}
     assert gain["cheap"] > gain["dear"] > 1
+
+
+def test_serve_many_interleaves_prompts_across_servers(monkeypatch, tmp_path):
+    """Every prompt reaches every server before the next prompt, the order rotating, so a slow
+    stretch of the machine falls on all configurations; totals are per server and dataset."""
+    from draftsmith.serve import check
+
+    calls, started = [], []
+
+    class FakeServer:
+        def __init__(self, gguf, **kw):
+            self.name = kw["extra_args"][0] if kw["extra_args"] else "plain"
+            self.n = 0
+
+        def __enter__(self):
+            started.append(self.name)
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def get_text(self, path):
+            return f"llamacpp:spec_decode_num_accepted_tokens_total {2 * self.n}\n" \
+                   f"llamacpp:spec_decode_num_drafts_total {self.n}\n"
+
+        def post_json(self, path, body, timeout):
+            calls.append((self.name, body["prompt"][0]))
+            self.n += 1
+            return {"choices": [{"text": "x"}], "usage": {"completion_tokens": 4},
+                    "timings": {"predicted_ms": 40.0, "prompt_n": len(body["prompt"])}}
+
+    monkeypatch.setattr(check.llama_cpp, "LlamaServer", FakeServer)
+    monkeypatch.setattr(check, "GAP_S", 0.0)
+    configs = {"a": (tmp_path, []), "b": (tmp_path, ["b"]), "c": (tmp_path, ["c"])}
+    out = check.serve_many(configs, {"d1": [[10], [11]], "d2": [[20]]}, 4, 512)
+    assert started == ["plain", "b", "c"]  # every server up before the first request
+    assert calls == [("plain", 10), ("b", 10), ("c", 10), ("b", 11), ("c", 11), ("plain", 11),
+                     ("c", 20), ("plain", 20), ("b", 20)]
+    assert set(out) == {"a", "b", "c"} and set(out["b"]) == {"d1", "d2"}
+    m = out["b"]["d1"]
+    assert m["tokens"] == 8 and m["rounds"] == 2 and m["served_tau"] == 3.0
+    assert m["decode_tokens_per_s"] == 100.0 and len(m["requests"]) == 2
+    assert check.serve_prompts(tmp_path, ["z"], {"d": [[5]]}, 4, 512)["d"]["tokens"] == 4

@@ -464,6 +464,17 @@ class FeatureCache:
         self._starts = [e["samples"][0] for e in manifest["shards"]]
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()
         self._verified: set[int] = set()  # shards whose checksum this process has checked
+        self._columns: torch.Tensor | None = None  # feature columns of a subset of the layers
+
+    def select_layers(self, layer_ids: Sequence[int]) -> None:
+        """Read only these stored layers' features, in this order (a draft that taps fewer
+        layers than the cache holds)."""
+        stored, H = self.manifest["layer_ids"], self.manifest["hidden_size"]
+        missing = [i for i in layer_ids if i not in stored]
+        if missing:
+            raise FeatureCacheError(f"{self.root}: cache holds features of target layers {stored}, not {missing}")
+        self._columns = torch.cat([torch.arange(stored.index(i) * H, (stored.index(i) + 1) * H)
+                                   for i in layer_ids])
 
     @classmethod
     def open(cls, path: str | os.PathLike, expect_target: TargetModel | dict | str | None = None,
@@ -475,15 +486,18 @@ class FeatureCache:
         manifest = _read_manifest(root)
         if expect_target is not None:
             _check_target(root, manifest, expect_target)
-        if expect_layer_ids is not None and list(expect_layer_ids) != manifest["layer_ids"]:
+        if expect_layer_ids is not None and not set(expect_layer_ids) <= set(manifest["layer_ids"]):
             raise FeatureCacheError(f"{root}: cache holds features of target layers {manifest['layer_ids']}, "
-                                    f"expected layers {list(expect_layer_ids)}")
+                                    f"expected layers {list(expect_layer_ids)} (a cache serves its layers "
+                                    "or any subset of them)")
         if not manifest.get("complete"):
             done = sum(e["samples"][1] - e["samples"][0] for e in manifest["shards"])
             raise FeatureCacheError(f"{root}: incomplete cache ({done} of {manifest['records']} samples "
                                     "written); rerun the same build command to finish it")
         _check_shards(root, manifest, verify)
         cache = cls(root, manifest, max_open_shards)
+        if expect_layer_ids is not None and list(expect_layer_ids) != manifest["layer_ids"]:
+            cache.select_layers(expect_layer_ids)
         if verify:
             cache._verified.update(range(len(manifest["shards"])))
         return cache
@@ -524,7 +538,11 @@ class FeatureCache:
 
     @property
     def layer_ids(self) -> list[int]:
-        return list(self.manifest["layer_ids"])
+        """The layers whose features a sample carries (the stored ones, or the selected subset)."""
+        if self._columns is None:
+            return list(self.manifest["layer_ids"])
+        H = self.manifest["hidden_size"]
+        return [self.manifest["layer_ids"][int(c) // H] for c in self._columns[::H]]
 
     @property
     def dtype(self) -> str:
@@ -586,7 +604,9 @@ class FeatureCache:
         f = shard.handle
         loss_mask = f.get_slice("loss_mask")[a:b]
         scale = f.get_slice("feature_scale")[a:b] if self.dtype == "fp8-e4m3" else None
-        features = decode_features(f.get_slice("features")[a:b], scale, len(self.layer_ids))
+        features = decode_features(f.get_slice("features")[a:b], scale, len(self.manifest["layer_ids"]))
+        if self._columns is not None:
+            features = features[:, self._columns]  # [S, L*H] -> [S, L'*H], the selected layers
         hmask = supervised_hidden_mask(loss_mask)
         H = self.manifest["hidden_size"]
         if int(hmask.sum()) != hb - ha:

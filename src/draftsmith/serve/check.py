@@ -16,11 +16,13 @@ say whether it pays there.
 3. Export the draft to GGUF with those settings (written into its manifest); render every prompt
    (first turn of each record) with the target's chat template and send the TOKEN IDS to
    llama-server (`/v1/completions`, T = 0), so chat-template drift cannot hide.
-4. Serve the pair (one slot); then plain decoding on the served target file and on each
-   `--plain-types` conversion (default q8_0): the fastest plain file is the speedup's
-   denominator (`plain_fastest`); then `ngram-simple` / `ngram-mod` as untrained peers. Per
-   request the `/metrics` counter deltas give accepted draft tokens and verification steps
-   (llama.cpp's `mean len` = 1 + accepted / steps, DESIGN §3.4).
+4. Serve the pair (one slot), plain decoding on the served target file and on each
+   `--plain-types` conversion (default q8_0) — the fastest plain file is the speedup's
+   denominator (`plain_fastest`) — and `ngram-simple` / `ngram-mod` as untrained peers, one
+   server each, interleaved: every prompt goes to each server in turn, so the machine's speed
+   drifting during the run cannot favour one of them. Per request the `/metrics` counter deltas
+   give accepted draft tokens and verification steps (llama.cpp's `mean len` = 1 + accepted /
+   steps, DESIGN §3.4).
 5. Decode the same prompt tokens offline with draftsmith's engine under the same rule (fp32,
    T = 0, the same n_max block and p_min) and count τ llama.cpp's way.
 6. Write OUT/served.json (`speedup` = served tokens/s / `plain_fastest.tokens_per_s`, pooled
@@ -31,6 +33,7 @@ say whether it pays there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -122,39 +125,65 @@ def complete(server: llama_cpp.LlamaServer, prompt: list[int], max_tokens: int) 
                                                 "top_k": 1, "cache_prompt": False}, timeout=1800)
 
 
+GAP_S = 0.1  # between requests to different servers: the last one's worker threads stop polling
+
+
+def one_request(srv: llama_cpp.LlamaServer, ids: list[int], max_tokens: int) -> dict:
+    """One greedy completion and what it cost: counter deltas, tokens, wall and decode time."""
+    before = read_counters(srv)
+    tic = time.perf_counter()
+    reply = complete(srv, ids, max_tokens)
+    seconds = time.perf_counter() - tic
+    after = read_counters(srv)
+    d = {k: after[k] - before[k] for k in COUNTERS}
+    timings = reply.get("timings", {})
+    n = int(reply.get("usage", {}).get("completion_tokens", timings.get("predicted_n", 0)))
+    return {"prompt_tokens": len(ids), "server_prompt_tokens": timings.get("prompt_n"),
+            "completion_tokens": n, "accepted": d["accepted"], "steps": d["steps"],
+            "drafted": d["drafted"], "seconds": seconds, "decode_ms": float(timings.get("predicted_ms", 0.0)),
+            "text": reply["choices"][0].get("text", "")}
+
+
+def dataset_totals(requests: list[dict]) -> dict:
+    """Pooled τ (llama.cpp's way: 1 + Σ accepted / Σ steps), tokens/s (wall and decode-only)."""
+    acc, steps = sum(r["accepted"] for r in requests), sum(r["steps"] for r in requests)
+    tokens, wall = sum(r["completion_tokens"] for r in requests), sum(r["seconds"] for r in requests)
+    decode_ms = sum(r["decode_ms"] for r in requests)
+    return {"served_tau": 1 + acc / steps if steps else None, "accepted": acc, "rounds": steps,
+            "drafted": sum(r["drafted"] for r in requests), "tokens": tokens, "seconds": wall,
+            "served_tokens_per_s": tokens / wall if wall else None,
+            "decode_tokens_per_s": 1000 * tokens / decode_ms if decode_ms else None,
+            "requests": requests}
+
+
+def serve_many(configs: dict[str, tuple[Path, list[str]]], prompts: dict[str, list[list[int]]],
+               max_tokens: int, ctx_size: int, progress=None) -> dict[str, dict]:
+    """One llama-server per configuration (name -> (target GGUF, extra flags)), all started
+    first; then every prompt goes to each server in turn, the order rotating from prompt to
+    prompt, so a drift in this machine's speed (other tenants, thermal) falls on every
+    configuration alike instead of on whichever ran last. Requests never overlap.
+    -> {name: {dataset: totals and per-request records}}."""
+    names = list(configs)
+    requests = {name: {ds: [] for ds in prompts} for name in names}
+    with contextlib.ExitStack() as stack:
+        servers = {name: stack.enter_context(llama_cpp.LlamaServer(
+            gguf, slots=1, ctx_size=ctx_size, seed=0, extra_args=extra)) for name, (gguf, extra) in configs.items()}
+        turn = 0
+        for ds, items in prompts.items():
+            for ids in items:
+                for name in names[turn % len(names):] + names[:turn % len(names)]:
+                    time.sleep(GAP_S)
+                    requests[name][ds].append(one_request(servers[name], ids, max_tokens))
+                    if progress is not None:
+                        progress(1)
+                turn += 1
+    return {name: {ds: dataset_totals(reqs) for ds, reqs in per.items()} for name, per in requests.items()}
+
+
 def serve_prompts(target_gguf: Path, extra_args: list[str], prompts: dict[str, list[list[int]]],
                   max_tokens: int, ctx_size: int, progress=None) -> dict:
-    """Start one llama-server, send every prompt in series; per dataset: pooled τ (llama.cpp's
-    way), tokens/s (wall and decode-only), and per-request records."""
-    out = {}
-    with llama_cpp.LlamaServer(target_gguf, slots=1, ctx_size=ctx_size, seed=0, extra_args=extra_args) as srv:
-        for ds, items in prompts.items():
-            acc = steps = drafted = tokens = 0
-            wall = decode_ms = 0.0
-            requests = []
-            for ids in items:
-                before = read_counters(srv)
-                tic = time.perf_counter()
-                reply = complete(srv, ids, max_tokens)
-                seconds = time.perf_counter() - tic
-                after = read_counters(srv)
-                d = {k: after[k] - before[k] for k in COUNTERS}
-                timings = reply.get("timings", {})
-                n = int(reply.get("usage", {}).get("completion_tokens", timings.get("predicted_n", 0)))
-                acc, steps, drafted = acc + d["accepted"], steps + d["steps"], drafted + d["drafted"]
-                tokens, wall, decode_ms = tokens + n, wall + seconds, decode_ms + float(timings.get("predicted_ms", 0.0))
-                requests.append({"prompt_tokens": len(ids), "server_prompt_tokens": timings.get("prompt_n"),
-                                 "completion_tokens": n, "accepted": d["accepted"], "steps": d["steps"],
-                                 "drafted": d["drafted"], "seconds": seconds,
-                                 "text": reply["choices"][0].get("text", "")})
-                if progress is not None:
-                    progress(1)
-            out[ds] = {"served_tau": 1 + acc / steps if steps else None, "accepted": acc, "rounds": steps,
-                       "drafted": drafted, "tokens": tokens, "seconds": wall,
-                       "served_tokens_per_s": tokens / wall if wall else None,
-                       "decode_tokens_per_s": 1000 * tokens / decode_ms if decode_ms else None,
-                       "requests": requests}
-    return out
+    """One configuration alone (`serve_many` with one server)."""
+    return serve_many({"one": (target_gguf, extra_args)}, prompts, max_tokens, ctx_size, progress)["one"]
 
 
 def spec_args(manifest: dict, n_max: int | None, p_min: float | None) -> list[str]:
@@ -261,30 +290,33 @@ def measure_tuning(args, draft_dir: Path, cfg, target: str, target_gguf: Path, o
     log.info("tuning: cost curve of %s", target_gguf.name)
     curve = tune.batch_cost(target_gguf)
     base = tune.CostModel.from_measurement(curve)
-    plain = pooled(serve_prompts(target_gguf, [], probe, n_tokens, args.ctx_size))
-    probes, costs = {}, {}
     most = gguf_export.max_n_max(cfg)
     has_confidence = bool(getattr(cfg, "enable_confidence_head", False))
-    for dtype in split_list(args.tune_dtypes):
-        export_dir = out / "tune" / f"draft-{dtype}"
-        manifest, draft_args = export_for_serving(draft_dir, export_dir, target, dtype)
+    dtypes = split_list(args.tune_dtypes)
+    configs = {"plain": (target_gguf, [])}
+    for dtype in dtypes:  # the draft's cost: fixed + per block slot; at p_min 1 what a cut round costs
+        manifest, draft_args = export_for_serving(draft_dir, out / "tune" / f"draft-{dtype}", target, dtype)
+        for n in sorted({1, most}):
+            configs[f"{dtype} n{n}"] = (target_gguf, [*draft_args[:2], *spec_args(manifest, n, None)])
+        if has_confidence:
+            configs[f"{dtype} idle"] = (target_gguf, [*draft_args[:2], *spec_args(manifest, 1, 1.0)])
+    log.info("tuning: served probes, interleaved (%s; %d prompts)", ", ".join(configs), len(probe["tune"]))
+    runs = {name: pooled(r) for name, r in serve_many(configs, probe, n_tokens, args.ctx_size).items()}
+    plain = runs["plain"]
+    probes, costs = {}, {}
+    for dtype in dtypes:
         probes[dtype] = {"served_tau": None, "round_overhead": {}}
-        for n in sorted({1, most}):  # the draft's cost: fixed + per block slot
-            log.info("tuning: served probe of the %s draft at n_max %d (%d prompts)", dtype, n, len(probe["tune"]))
-            served = pooled(serve_prompts(target_gguf, [*draft_args[:2], *spec_args(manifest, n, None)],
-                                          probe, n_tokens, args.ctx_size))
-            served["plain_decode_tokens_per_s"] = plain["decode_tokens_per_s"]
+        for n in sorted({1, most}):
+            served = {**runs[f"{dtype} n{n}"], "plain_decode_tokens_per_s": plain["decode_tokens_per_s"]}
             overhead = tune.round_overhead(served, base)
             if overhead is not None:
                 probes[dtype]["round_overhead"][n] = overhead
             if n == most:
                 probes[dtype].update(served_tau=served["served_tau"], decode_tokens_per_s=served["decode_tokens_per_s"])
         idle = None
-        if has_confidence:  # no round drafts at p_min 1: what a cut round costs
-            served = pooled(serve_prompts(target_gguf, [*draft_args[:2], *spec_args(manifest, 1, 1.0)],
-                                          probe, n_tokens, args.ctx_size))
+        if has_confidence:
             idle = probes[dtype]["idle_overhead"] = tune.idle_overhead(
-                {**served, "plain_decode_tokens_per_s": plain["decode_tokens_per_s"]})
+                {**runs[f"{dtype} idle"], "plain_decode_tokens_per_s": plain["decode_tokens_per_s"]})
         if probes[dtype]["round_overhead"]:
             fixed, per_slot, drafting = tune.fit_overhead(probes[dtype]["round_overhead"], idle)
             probes[dtype].update(fixed=fixed, per_slot=per_slot, drafting=drafting)
@@ -422,12 +454,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     total = sum(len(v) for v in prompts.values()) * (1 + len(plain_files) + len(peers))
-    with tqdm(total=total, desc="serve-check (requests)", disable=args.no_progress) as bar:
-        served = serve_prompts(target_gguf, draft_args, prompts, args.max_new_tokens, args.ctx_size, bar.update)
-        plains = {str(f): serve_prompts(f, [], prompts, args.max_new_tokens, args.ctx_size, bar.update)
-                  for f in plain_files}
-        peer_runs = {p: serve_prompts(target_gguf, ["--spec-type", p], prompts, args.max_new_tokens,
-                                      args.ctx_size, bar.update) for p in peers}
+    configs = {"draft": (target_gguf, draft_args), **{f"plain {f}": (f, []) for f in plain_files},
+               **{f"peer {p}": (target_gguf, ["--spec-type", p]) for p in peers}}
+    with tqdm(total=total, desc="serve-check (requests, interleaved)", disable=args.no_progress) as bar:
+        runs = serve_many(configs, prompts, args.max_new_tokens, args.ctx_size, bar.update)
+    served = runs["draft"]
+    plains = {str(f): runs[f"plain {f}"] for f in plain_files}
+    peer_runs = {p: runs[f"peer {p}"] for p in peers}
     off = offline.tau(prompts, args.max_new_tokens, chosen["n_max"], chosen["p_min"])
     result, failures = assemble(args, draft_dir, target, target_gguf, draft_args, chosen, tuning,
                                 served, plains, peer_runs, off)
