@@ -665,3 +665,31 @@ def test_export_reads_the_serve_tuning_of_the_draft(tmp_path, hf_target, target_
     (src / gguf.TUNING_FILE).write_text("{")
     with pytest.raises(InputError, match="serve_tuning.json:1: invalid JSON"):
         commands.tuned_settings(args("--format", "gguf"))
+
+
+def test_bench_draft_variants_slice_a_loadable_smaller_draft(tmp_path, hf_target, target_dir):
+    """bench/draft_variants.py: fewer layers, a subset of the taps (fc columns of those layers,
+    in that order) and a smaller draft vocabulary give a draft dir that loads and validates."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "draft_variants.py"
+    spec = importlib.util.spec_from_file_location("draft_variants", path)
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    src = make_draft(tmp_path, hf_target, target_dir, "dspark", "v", vocab=64)
+    full = load_draft(src)
+    H = full.config.hidden_size
+    name, opts = variants.parse_variant("small:layers=1,taps=2,vocab=32")
+    assert (name, opts) == ("small", {"layers": 1, "taps": [2], "vocab": 32})
+    variants.make_variant(src, tmp_path / name, **opts)
+    small = load_draft(tmp_path / name)
+    assert small.config.num_hidden_layers == 1 and list(small.config.target_layer_ids) == [2]
+    assert torch.equal(small.fc.weight, full.fc.weight[:, H:2 * H])  # tap 2 is the second stored
+    assert not torch.equal(small.fc.weight, full.fc.weight[:, :H])
+    assert torch.equal(small.layers[0].mlp.up_proj.weight, full.layers[0].mlp.up_proj.weight)
+    assert small.lm_head.weight.shape[0] == 32
+    for bad in ("x:layers=0", "x:taps=1"):
+        with pytest.raises(InputError, match="layers=0|taps=\\[1\\]"):
+            variants.make_variant(src, tmp_path / "bad", **variants.parse_variant(bad)[1])
+    with pytest.raises(InputError, match="NAME:layers"):
+        variants.parse_variant("x:depth=2")
