@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     drafts = expand_grid([parse_draft(d) for d in args.draft], parse_grid(args.grid))
+    if any(name == "plain" for name, _, _ in drafts):
+        raise InputError("--draft plain=...: 'plain' names plain decoding; choose another name")
     configs = {}
     target = args.target
     exported = {}
@@ -192,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra in configs.items():
         print(f"serving {name}: {' '.join(extra)}", flush=True)
     print(f"every prompt goes to plain and to each of {len(configs)} servers in turn (interleaved)", flush=True)
-    if "plain" in configs:
-        raise InputError("--draft plain=...: 'plain' names plain decoding; choose another name")
     runs = check.serve_many({"plain": (target_gguf, []), **{n: (target_gguf, e) for n, e in configs.items()}},
                             prompts, args.max_new_tokens, 4096)
     plain = runs.pop("plain")
