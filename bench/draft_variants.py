@@ -15,14 +15,15 @@ the price of an idle round (reading the target's features, the draft's forward).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from draftsmith.config import build_config
+from draftsmith.models.io import WEIGHTS_FILE, build_draft, load_weights, read_draft_config, save_draft
 from draftsmith.utils.io import InputError
 
 
@@ -42,34 +43,31 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def make_variant(src: Path, dst: Path, layers: int | None = None, taps: list[int] | None = None,
                  vocab: int | None = None) -> int:
-    """Write a sliced copy of the draft dir `src` to `dst`; returns its parameter count."""
-    cfg = json.loads((src / "config.json").read_text())
-    inner = cfg["draftsmith"]["config"]
-    w = load_file(src / "model.safetensors")
+    """Write a sliced copy of the draft dir `src` to `dst` (rebuilt from its typed config and
+    saved like any draft, so it validates on load); returns its parameter count."""
+    cfg = read_draft_config(src)
+    w = load_file(src / WEIGHTS_FILE)
+    update = {}
     if layers is not None:
-        if not 1 <= layers <= cfg["num_hidden_layers"]:
-            raise InputError(f"layers={layers}: the draft has {cfg['num_hidden_layers']}")
+        if not 1 <= layers <= cfg.num_hidden_layers:
+            raise InputError(f"layers={layers}: the draft has {cfg.num_hidden_layers}")
         w = {k: v for k, v in w.items() if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
-        for c in (cfg, inner):
-            c["num_hidden_layers"] = layers
-        cfg["layer_types"] = cfg["layer_types"][:layers]
+        update["num_hidden_layers"] = layers
     if taps is not None:
-        ids, h = cfg["target_layer_ids"], cfg["hidden_size"]
+        ids, h = list(cfg.target_layer_ids), cfg.hidden_size
         if not set(taps) <= set(ids):
             raise InputError(f"taps={taps}: the draft taps {ids}")
         cols = torch.cat([torch.arange(ids.index(t) * h, (ids.index(t) + 1) * h) for t in taps])
         w["fc.weight"] = w["fc.weight"][:, cols].contiguous()  # [H, L*H] -> [H, L'*H]
-        for c in (cfg, inner):
-            c["target_layer_ids"] = list(taps)
+        update["target_layer_ids"] = list(taps)
     if vocab is not None:
         for k in ("lm_head.weight", "markov_head.markov_w2.weight", "d2t"):
             if k in w:
                 w[k] = w[k][:vocab].contiguous()
-        for c in (cfg, inner):
-            c["draft_vocab_size"] = vocab
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(w, dst / "model.safetensors")
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+        update["draft_vocab_size"] = vocab
+    small = build_config(type(cfg), {**cfg.model_dump(), **update}, where=f"variant of {src}")
+    model = load_weights(build_draft(small), w, f"variant of {src}")
+    save_draft(model, dst)
     if (src / "training.json").exists():
         shutil.copy(src / "training.json", dst / "training.json")
     return sum(v.numel() for v in w.values())

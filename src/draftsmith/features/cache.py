@@ -465,6 +465,7 @@ class FeatureCache:
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()
         self._verified: set[int] = set()  # shards whose checksum this process has checked
         self._columns: torch.Tensor | None = None  # feature columns of a subset of the layers
+        self._selected: list[int] | None = None  # that subset, in the asked order
 
     def select_layers(self, layer_ids: Sequence[int]) -> None:
         """Read only these stored layers' features, in this order (a draft that taps fewer
@@ -475,6 +476,7 @@ class FeatureCache:
             raise FeatureCacheError(f"{self.root}: cache holds features of target layers {stored}, not {missing}")
         self._columns = torch.cat([torch.arange(stored.index(i) * H, (stored.index(i) + 1) * H)
                                    for i in layer_ids])
+        self._selected = list(layer_ids)
 
     @classmethod
     def open(cls, path: str | os.PathLike, expect_target: TargetModel | dict | str | None = None,
@@ -539,10 +541,7 @@ class FeatureCache:
     @property
     def layer_ids(self) -> list[int]:
         """The layers whose features a sample carries (the stored ones, or the selected subset)."""
-        if self._columns is None:
-            return list(self.manifest["layer_ids"])
-        H = self.manifest["hidden_size"]
-        return [self.manifest["layer_ids"][int(c) // H] for c in self._columns[::H]]
+        return list(self._selected if self._selected is not None else self.manifest["layer_ids"])
 
     @property
     def dtype(self) -> str:
