@@ -236,3 +236,34 @@ def test_bad_loss_weights_fail_at_load(world, tmp_path, weights, message):
     path = make_recipe(tmp_path / "r.yaml", world["qwen3"], "dspark", loss={"weights": weights})
     with pytest.raises(InputError, match=message):
         load_recipe(str(path))
+
+
+def test_optim_freeze_keeps_matching_parameters_and_trains_the_rest(world, tmp_path):
+    """optim.freeze: the matched tensors leave training bit-identical while the others move (the
+    negative control: the same tensors without the option move too); a pattern that matches
+    nothing is refused by name."""
+    from draftsmith.train import loop
+    from draftsmith.drafters import objective_for
+    from draftsmith.train.parallel import init_distributed
+    from draftsmith.train.recipe import load_recipe
+    from draftsmith.train.setup import build_setup
+
+    def trained(freeze):
+        recipe = load_recipe(str(make_recipe(tmp_path / "r.yaml", world["llama"], "dspark",
+                                             optim={"lr": 3e-3, "warmup_ratio": 0.1, "freeze": freeze})))
+        s = build_setup(recipe, str(world["data"]), init_distributed(), progress=False)
+        before = {k: v.clone() for k, v in s.model.state_dict().items()}
+        trainer = loop.build_trainer(recipe, s, init_distributed(), objective_for("dspark"), 3, prefetch=False)
+        for step in range(3):
+            trainer.train_step(step)
+        return before, s.model.state_dict()
+
+    before, after = trained(["layers.*.mlp.*"])
+    mlp = [k for k in after if ".mlp." in k]
+    assert len(mlp) == 3 and all(torch.equal(before[k], after[k]) for k in mlp)
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])  # the rest still trains
+    assert not torch.equal(before["layers.0.self_attn.q_proj.weight"], after["layers.0.self_attn.q_proj.weight"])
+    before, after = trained([])  # negative control
+    assert not any(torch.equal(before[k], after[k]) for k in mlp)
+    with pytest.raises(InputError, match=r"optim.freeze: 'layer.\*.mlp' matches no parameter"):
+        trained(["layer.*.mlp"])

@@ -79,6 +79,9 @@ class OptimConfig(StrictConfig):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
+    # parameter-name patterns (fnmatch, e.g. "layers.*.mlp.*") the optimizer never updates, on top
+    # of what the drafter freezes itself (embedding, DSpark/DFlash LM head); each must match
+    freeze: list[str] = []
 
 
 class TrainConfig(StrictConfig):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import hashlib
 import json
 import logging
@@ -50,7 +51,7 @@ def build_model(recipe: Recipe, hf_target: nn.Module, data: TrainData, init_from
     """The draft, initialized from the target (frozen embedding / LM head copies) or from a
     draft dir (`init_from`, e.g. a DeepSpec checkpoint for continued training)."""
     if init_from:
-        return load_draft(init_from)
+        return freeze(load_draft(init_from), recipe.optim.freeze, data.lines)
     cls = recipe.model_config_class()
     cfg = cls.from_target(hf_target.config, **recipe.model)
     model = build_draft(cfg)
@@ -72,6 +73,28 @@ def build_model(recipe: Recipe, hf_target: nn.Module, data: TrainData, init_from
             model.norm.weight.mul_(recipe.init.final_norm)
     if recipe.init.markov == "bigram":
         data.lines.append(init_markov_from_bigrams(model, data.train, recipe.init.bigram_smoothing))
+    return freeze(model, recipe.optim.freeze, data.lines)
+
+
+def freeze(model: nn.Module, patterns: list[str], lines: list[str]) -> nn.Module:
+    """Stop gradients to the parameters whose names match any of `patterns` (`optim.freeze`);
+    a pattern that matches no parameter is an InputError (a typo must not train everything)."""
+    if not patterns:
+        return model
+    names = [n for n, _ in model.named_parameters()]
+    hit: set[str] = set()
+    for pattern in patterns:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise InputError(f"optim.freeze: {pattern!r} matches no parameter of the draft "
+                             f"(names look like {', '.join(names[:4])}, ...)")
+        hit.update(matched)
+    count = 0
+    for name, p in model.named_parameters():
+        if name in hit:
+            count += p.numel() if p.requires_grad else 0
+            p.requires_grad_(False)
+    lines.append(f"optim.freeze: {len(hit)} tensors ({count:,} more parameters) frozen by {patterns}")
     return model
 
 
