@@ -13,6 +13,9 @@ peak allocated memory (GPU). Numbers are this machine's, now: run it again befor
 `--top-k K` runs every drafter twice, interleaved, from the exact cache and from a top-K cache
 (`features.top_k`: p_t read from the stored top K instead of the full-vocabulary head each step);
 without it each drafter runs its recipe's own setting (smollm2 dspark/dflash: top-32).
+`--variant "NAME=k=v;k=v"` (repeatable; recipe_ab.py's syntax) runs each drafter once more per
+variant with those recipe overrides (e.g. `a24=model.num_anchors=24;train.micro_batch=8`), right
+after the recipe as shipped, so a cheaper step is priced side by side.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import subprocess
 import sys
 import time
 
+from recipe_ab import parse_variant  # bench/ is on sys.path when a bench script runs
+
 from draftsmith.drafters import REGISTRY
 
 
 def child(drafter: str, target: str, data: str, steps: int, limit: int, threads: int | None = None,
-          prefetch: str = "auto", top_k: int | None = None) -> dict:
+          prefetch: str = "auto", top_k: int | None = None, overrides: list[str] | None = None) -> dict:
     """`steps` optimizer steps after a warm-up, built by the loop's own `build_trainer` and fed
     as the loop feeds them (on GPUs the next step's batches are made on the prefetch thread)."""
     import torch
@@ -43,7 +48,8 @@ def child(drafter: str, target: str, data: str, steps: int, limit: int, threads:
 
     sets = [f"data.limit={limit}"] + ([f"train.threads={threads}"] if threads else [])
     # top_k None: the recipe's own p_t source; 0: the exact p_t; K: a top-K cache
-    recipe = load_recipe(f"{target}/{drafter}", sets + ([f"features.top_k={top_k or 'null'}"] if top_k is not None else []))
+    sets += [f"features.top_k={top_k or 'null'}"] if top_k is not None else []
+    recipe = load_recipe(f"{target}/{drafter}", sets + list(overrides or []))
     info = init_distributed()
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -105,34 +111,49 @@ def main() -> int:
                         "loop does, on GPUs only)")
     p.add_argument("--drafters", default=",".join(REGISTRY), help="comma-separated (default: all)")
     p.add_argument("--top-k", type=int, default=None, help="run each drafter from the exact p_t and from a top-K cache (0: exact only)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=K=V;K=V",
+                   help="also run each drafter with these recipe overrides (repeatable)")
     p.add_argument("--child", choices=list(REGISTRY), help=argparse.SUPPRESS)
+    p.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        row = child(a.child, a.target, a.data, a.steps, a.limit, a.threads, a.prefetch, a.top_k)
+        row = child(a.child, a.target, a.data, a.steps, a.limit, a.threads, a.prefetch, a.top_k,
+                    json.loads(a.overrides))
         print("RESULT " + json.dumps(row), flush=True)
         return 0
     unknown = sorted(set(a.drafters.split(",")) - set(REGISTRY))
     if unknown:
         p.error(f"--drafters {','.join(unknown)}: not a drafter; known: {', '.join(REGISTRY)}")
+    variants = [("recipe", [])] + [parse_variant(v) for v in a.variant]
     results = []
     for d in a.drafters.split(","):
         for k in [0, a.top_k] if a.top_k else [None]:
-            out = subprocess.run([sys.executable, __file__, "--child", d, "--target", a.target, "--data", a.data,
-                                  "--steps", str(a.steps), "--limit", str(a.limit), "--prefetch", a.prefetch]
-                                 + (["--threads", str(a.threads)] if a.threads else [])
-                                 + (["--top-k", str(k)] if k is not None else []),
-                                 capture_output=True, text=True, check=False)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode or not line:
-                print(out.stderr[-3000:], file=sys.stderr)
-                return 1
-            results.append(json.loads(line[0][7:]))
+            for name, overrides in variants:
+                out = subprocess.run([sys.executable, __file__, "--child", d, "--target", a.target, "--data", a.data,
+                                      "--steps", str(a.steps), "--limit", str(a.limit), "--prefetch", a.prefetch,
+                                      "--overrides", json.dumps(overrides)]
+                                     + (["--threads", str(a.threads)] if a.threads else [])
+                                     + (["--top-k", str(k)] if k is not None else []),
+                                     capture_output=True, text=True, check=False)
+                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+                if out.returncode or not line:
+                    print(out.stderr[-3000:], file=sys.stderr)
+                    return 1
+                results.append({**json.loads(line[0][7:]), "variant": name})
     print(f"\ntraining throughput ({a.target}, shipped recipes, {a.steps} steps after a warm-up)")
-    print(f"{'drafter':8} {'p_t':>6} {'γ':>3} {'blocks/s':>9} {'slots/s':>9} {'s/step':>7} {'peak MiB':>9} {'trainable':>10}")
+    print(f"{'drafter':8} {'variant':10} {'p_t':>6} {'γ':>3} {'blocks/s':>9} {'slots/s':>9} {'s/step':>7} "
+          f"{'peak MiB':>9} {'trainable':>10}")
     for r in results:
         pt = f"top{r['top_k']}" if r.get("top_k") else "exact"
-        print(f"{r['drafter']:8} {pt:>6} {r['block_size']:>3} {r['blocks_per_s']:>9.1f} {r['slots_per_s']:>9.1f} "
-              f"{r['s_per_step']:>7.2f} {r['peak_bytes'] / 2**20:>9.0f} {r['trainable_params'] / 1e6:>9.2f}M")
+        print(f"{r['drafter']:8} {r['variant']:10} {pt:>6} {r['block_size']:>3} {r['blocks_per_s']:>9.1f} "
+              f"{r['slots_per_s']:>9.1f} {r['s_per_step']:>7.2f} {r['peak_bytes'] / 2**20:>9.0f} "
+              f"{r['trainable_params'] / 1e6:>9.2f}M")
+    for v, _ in variants[1:]:
+        for d in a.drafters.split(","):
+            base = [r for r in results if r["drafter"] == d and r["variant"] == "recipe"]
+            mine = [r for r in results if r["drafter"] == d and r["variant"] == v]
+            for b, m in zip(base, mine):
+                print(f"{d} {v}: {m['s_per_step'] / b['s_per_step']:.2f}x the recipe's s/step")
     print(f"\nfeature cache bytes/token ({a.target}, {a.limit} records, DSpark layers)")
     print(f"{'dtype':9} {'draftsmith':>11} {'DeepSpec':>9} {'ratio':>6}")
     for r in cache_rows(a.target, a.data, a.limit):
