@@ -21,6 +21,7 @@ from draftsmith.models.eagle3 import (
     Eagle3Config,
     Eagle3Model,
     default_eagle3_layers,
+    ttt_attend,
     ttt_attention_mask,
     ttt_step_tokens,
 )
@@ -109,6 +110,30 @@ def test_ttt_attention_mask_matches_brute_force():
             t, p = divmod(j, S)
             want = p <= i if t == 0 else p == i
             assert bool(got[i, j]) == want, (i, j)
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_ttt_attend_equals_dense_masked_attention(step):
+    """The training forward's TTT attention (causal block + one diagonal logit per later step)
+    is the dense attention under ttt_attention_mask, gradients included (float64, GQA)."""
+    _, model = eagle3("llama")
+    attn = model.midlayer.self_attn.double()
+    B, S, d = 2, 7, attn.head_dim
+    g = torch.Generator().manual_seed(step)
+    q = torch.randn(B, attn.num_heads, S, d, generator=g, dtype=torch.float64, requires_grad=True)
+    keys = [torch.randn(B, attn.num_kv_heads, S, d, generator=g, dtype=torch.float64) for _ in range(step + 1)]
+    values = [torch.randn_like(k) for k in keys]
+    got = ttt_attend(attn, q, keys, values)
+    want = attn.attend(q, torch.cat(keys, 2), torch.cat(values, 2), ttt_attention_mask(S, step))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), q)
+    (grad_want,) = torch.autograd.grad(want.square().sum(), q)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-10, atol=1e-12)
+    # negative control: a mask that also shows the later steps' keys of earlier positions differs
+    leaky = ttt_attention_mask(S, step).clone()
+    leaky[..., S:] = ttt_attention_mask(S, 0).expand(1, 1, S, S).repeat(1, 1, 1, step)
+    other = attn.attend(q, torch.cat(keys, 2), torch.cat(values, 2), leaky)
+    assert (other - got).abs().max() > 1e-3
 
 
 def test_ttt_step_tokens_shift_and_pad():

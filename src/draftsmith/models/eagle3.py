@@ -111,6 +111,28 @@ def ttt_attention_mask(seq_len: int, step: int, device=None) -> torch.Tensor:
     return torch.cat([causal] + [diag] * step, dim=-1)[None, None]  # [S, (s+1)S] -> [1, 1, ...]
 
 
+def ttt_attend(attn, q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]):
+    """Attention of TTT step s = len(keys) - 1 >= 1 without the dense mask: query i sees step
+    0's keys 0..i (causal) and key i of each later step, so those later steps add one logit per
+    query, not a [S, S] block each. Same function as `attend` with `ttt_attention_mask` (tested);
+    ~(s + 1)x less attention work. q [B, h, S, d], keys/values (s + 1) x [B, g, S, d] ->
+    o_proj output [B, S, H]."""
+    B, h, S, d = q.shape
+    rep = h // keys[0].shape[1]  # grouped-query attention: each kv head serves `rep` q heads
+    k0, v0 = (t.repeat_interleave(rep, dim=1) for t in (keys[0], values[0]))  # [B, g, S, d] -> [B, h, S, d]
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    scores0 = (q @ k0.transpose(-1, -2)).masked_fill(~causal, float("-inf"))  # [B, h, S, S]
+    diag = [(q * k.repeat_interleave(rep, dim=1)).sum(-1, keepdim=True) for k in keys[1:]]  # s x [B, h, S, 1]
+    logits = torch.cat([scores0] + diag, dim=-1)  # [B, h, S, S + s]
+    wide = torch.promote_types(logits.dtype, torch.float32)  # softmax in fp32 at least (bf16 autocast)
+    probs = torch.softmax(logits.to(wide) * attn.scale, dim=-1).to(q.dtype)
+    out = probs[..., :S] @ v0  # [B, h, S, S] @ [B, h, S, d] -> [B, h, S, d]
+    for t, v in enumerate(values[1:]):
+        out = out + probs[..., S + t, None] * v.repeat_interleave(rep, dim=1)  # [B, h, S, 1] * [B, h, S, d]
+    out = out.transpose(1, 2).reshape(B, S, h * d)  # [B, h, S, d] -> [B, S, h*d]
+    return attn.o_proj(out)
+
+
 class Eagle3MidLayer(DecoderLayer):
     """Eagle3 difference from the Llama layer: the attention input is
     [input_layernorm(embed); hidden_norm(h)] (2H wide) and the residual is the fused hidden
@@ -206,10 +228,8 @@ class Eagle3Model(DraftVocabMixin, nn.Module):
             values.append(v)
             if s == 0:
                 attn_out = attn.attend(q, k, v, None, is_causal=True)
-            else:
-                mask = ttt_attention_mask(S, s, features.device)
-                k_all = torch.cat(keys, dim=2)  # (s+1) × [B, g, S, d] -> [B, g, (s+1)S, d]
-                attn_out = attn.attend(q, k_all, torch.cat(values, dim=2), mask)
+            else:  # the causal block of step 0 plus the diagonal of each later step
+                attn_out = ttt_attend(attn, q, keys, values)
             hidden = self.midlayer.finish(attn_out, residual)  # pre-norm, fed to the next step
             outs.append(self.norm(hidden))
         return outs

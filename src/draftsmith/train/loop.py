@@ -50,7 +50,7 @@ from draftsmith.train.parallel import (
 from draftsmith.train.prefetch import Prefetcher
 from draftsmith.train.recipe import Recipe, load_recipe
 from draftsmith.train.samples import STORE_DIR
-from draftsmith.train.setup import Setup, build_setup
+from draftsmith.train.setup import Setup, build_setup, param_groups
 from draftsmith.utils.io import InputError, check_output_dir
 
 log = logging.getLogger(__name__)
@@ -118,9 +118,9 @@ def collate(feats, epochs: list[int], recipe: Recipe, anchored: bool, device, nu
 
 
 def make_optimizer(model, recipe: Recipe, total_steps: int):
-    params = [p for p in model.parameters() if p.requires_grad]
     o = recipe.optim
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, o.lr, o.lr_scale), lr=o.lr, betas=o.betas,
+                            weight_decay=o.weight_decay)
     warmup = max(1, round(o.warmup_ratio * total_steps)) if o.warmup_ratio > 0 else 0
 
     def lr_lambda(step: int) -> float:

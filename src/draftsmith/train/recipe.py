@@ -82,6 +82,18 @@ class OptimConfig(StrictConfig):
     # parameter-name patterns (fnmatch, e.g. "layers.*.mlp.*") the optimizer never updates, on top
     # of what the drafter freezes itself (embedding, DSpark/DFlash LM head); each must match
     freeze: list[str] = []
+    # parameter-name pattern (fnmatch) -> multiplier of lr for the parameters it matches (each
+    # must match a trained parameter, no two the same one), e.g. {"layers.*": 0.1} for a backbone
+    # copied from the target
+    lr_scale: dict[str, float] = {}
+
+    @field_validator("lr_scale")
+    @classmethod
+    def _positive_scales(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not x > 0}
+        if bad:
+            raise ValueError(f"optim.lr_scale: multipliers must be > 0, got {bad}")
+        return v
 
 
 class TrainConfig(StrictConfig):

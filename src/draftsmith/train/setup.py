@@ -73,7 +73,30 @@ def build_model(recipe: Recipe, hf_target: nn.Module, data: TrainData, init_from
             model.norm.weight.mul_(recipe.init.final_norm)
     if recipe.init.markov == "bigram":
         data.lines.append(init_markov_from_bigrams(model, data.train, recipe.init.bigram_smoothing))
-    return freeze(model, recipe.optim.freeze, data.lines)
+    model = freeze(model, recipe.optim.freeze, data.lines)
+    param_groups(model, recipe.optim.lr, recipe.optim.lr_scale)  # a typo fails before any cache work
+    return model
+
+
+def param_groups(model, base_lr: float, lr_scale: dict[str, float]) -> list[dict]:
+    """Trained parameters in AdamW groups: the first group at `base_lr`, then one per
+    `optim.lr_scale` pattern (fnmatch on parameter names) at base_lr × scale. A pattern that
+    matches no trained parameter, or a parameter two patterns match, is an InputError naming it."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = {pattern: [] for pattern in lr_scale}
+    rest = []
+    for name, p in named:
+        hits = [pt for pt in lr_scale if fnmatch.fnmatchcase(name, pt)]
+        if len(hits) > 1:
+            raise InputError(f"optim.lr_scale: {name} matches {hits[0]!r} and {hits[1]!r}; "
+                             "make the patterns disjoint")
+        (groups[hits[0]] if hits else rest).append(p)
+    empty = [pt for pt, ps in groups.items() if not ps]
+    if empty:
+        raise InputError(f"optim.lr_scale: {empty[0]!r} matches no trained parameter of the draft "
+                         f"(names look like {', '.join(n for n, _ in named[:4])}, ...)")
+    scaled = [{"params": ps, "lr": base_lr * lr_scale[pt]} for pt, ps in groups.items()]
+    return ([{"params": rest, "lr": base_lr}] if rest else []) + scaled
 
 
 def freeze(model: nn.Module, patterns: list[str], lines: list[str]) -> nn.Module:
