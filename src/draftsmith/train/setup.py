@@ -83,10 +83,10 @@ def param_groups(model, base_lr: float, lr_scale: dict[str, float]) -> list[dict
     `optim.lr_scale` pattern (fnmatch on parameter names) at base_lr × scale. A pattern that
     matches no trained parameter, or a parameter two patterns match, is an InputError naming it."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = {pattern: [] for pattern in lr_scale}
+    groups = {pattern: [] for pattern in sorted(lr_scale)}  # one order however the recipe was read (resume)
     rest = []
     for name, p in named:
-        hits = [pt for pt in lr_scale if fnmatch.fnmatchcase(name, pt)]
+        hits = [pt for pt in groups if fnmatch.fnmatchcase(name, pt)]
         if len(hits) > 1:
             raise InputError(f"optim.lr_scale: {name} matches {hits[0]!r} and {hits[1]!r}; "
                              "make the patterns disjoint")
