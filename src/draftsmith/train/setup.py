@@ -78,24 +78,31 @@ def build_model(recipe: Recipe, hf_target: nn.Module, data: TrainData, init_from
     return model
 
 
+def matching(names: list[str], pattern: str, field: str) -> list[str]:
+    """The parameter names `pattern` (fnmatch) matches; none is an InputError naming the recipe
+    field (a typo must not silently change nothing)."""
+    matched = fnmatch.filter(names, pattern)
+    if not matched:
+        raise InputError(f"{field}: {pattern!r} matches no {'trained ' if field == 'optim.lr_scale' else ''}"
+                         f"parameter of the draft (names look like {', '.join(names[:4])}, ...)")
+    return matched
+
+
 def param_groups(model, base_lr: float, lr_scale: dict[str, float]) -> list[dict]:
     """Trained parameters in AdamW groups: the first group at `base_lr`, then one per
     `optim.lr_scale` pattern (fnmatch on parameter names) at base_lr × scale. A pattern that
     matches no trained parameter, or a parameter two patterns match, is an InputError naming it."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = {pattern: [] for pattern in sorted(lr_scale)}  # one order however the recipe was read (resume)
-    rest = []
-    for name, p in named:
-        hits = [pt for pt in groups if fnmatch.fnmatchcase(name, pt)]
-        if len(hits) > 1:
-            raise InputError(f"optim.lr_scale: {name} matches {hits[0]!r} and {hits[1]!r}; "
-                             "make the patterns disjoint")
-        (groups[hits[0]] if hits else rest).append(p)
-    empty = [pt for pt, ps in groups.items() if not ps]
-    if empty:
-        raise InputError(f"optim.lr_scale: {empty[0]!r} matches no trained parameter of the draft "
-                         f"(names look like {', '.join(n for n, _ in named[:4])}, ...)")
-    scaled = [{"params": ps, "lr": base_lr * lr_scale[pt]} for pt, ps in groups.items()]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    owner: dict[str, str] = {}
+    for pattern in sorted(lr_scale):  # one order however the recipe was read (resume)
+        for name in matching(list(params), pattern, "optim.lr_scale"):
+            if name in owner:
+                raise InputError(f"optim.lr_scale: {name} matches {owner[name]!r} and {pattern!r}; "
+                                 "make the patterns disjoint")
+            owner[name] = pattern
+    rest = [p for n, p in params.items() if n not in owner]
+    scaled = [{"params": [params[n] for n in params if owner.get(n) == pt], "lr": base_lr * lr_scale[pt]}
+              for pt in sorted(lr_scale)]
     return ([{"params": rest, "lr": base_lr}] if rest else []) + scaled
 
 
@@ -107,11 +114,7 @@ def freeze(model: nn.Module, patterns: list[str], lines: list[str]) -> nn.Module
     names = [n for n, _ in model.named_parameters()]
     hit: set[str] = set()
     for pattern in patterns:
-        matched = fnmatch.filter(names, pattern)
-        if not matched:
-            raise InputError(f"optim.freeze: {pattern!r} matches no parameter of the draft "
-                             f"(names look like {', '.join(names[:4])}, ...)")
-        hit.update(matched)
+        hit.update(matching(names, pattern, "optim.freeze"))
     count = 0
     for name, p in model.named_parameters():
         if name in hit:
